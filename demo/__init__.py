@@ -1,0 +1,1 @@
+"""Demo and test fixtures: tiny real-architecture models and the headless demo run."""

@@ -1,0 +1,145 @@
+"""A tiny SDXL built from ComfyUI's own SDXL classes, for tests and the demo (never downloaded, never trained).
+
+ComfyUI recognises SDXL only by its real config, so this registers a subclass of `comfy.supported_models.SDXL`
+with a small UNet config (same model class `model_base.SDXL`, context 2048, pooled 1280, linear transformers,
+three resolution levels so LoRA targets come in two widths and non-square attn2.to_k/to_v). Its text encoder
+is ComfyUI's SDXL CLIP-L + CLIP-G with one narrow layer each (hidden widths stay 768 + 1280 so CONDITIONING is
+SDXL-shaped) and its VAE is ComfyUI's TAESD. Import only where `comfy` is importable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import comfy.model_management
+import comfy.sd
+import comfy.sd1_clip
+import comfy.sdxl_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import comfy.taesd.taesd
+import torch
+
+UNET_CONFIG = {
+    "model_channels": 32,
+    "use_linear_in_transformer": True,
+    "transformer_depth": [0, 1, 1],
+    "context_dim": 2048,
+    "adm_in_channels": 2816,
+    "use_temporal_attention": False,
+}
+FULL_UNET_CONFIG = {
+    **UNET_CONFIG,
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 2, 4], "transformer_depth_output": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
+    "use_temporal_resblock": False,
+}
+_CLIP_L = {"hidden_size": 768, "intermediate_size": 64, "num_attention_heads": 12, "num_hidden_layers": 2,
+           "projection_dim": 768, "hidden_act": "quick_gelu"}
+_CLIP_G = {"hidden_size": 1280, "intermediate_size": 64, "num_attention_heads": 20, "num_hidden_layers": 2,
+           "projection_dim": 1280, "hidden_act": "gelu"}
+_CLIP_COMMON = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0,
+                "eos_token_id": 2, "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-05,
+                "max_position_embeddings": 77, "model_type": "clip_text_model", "pad_token_id": 1,
+                "torch_dtype": "float32", "vocab_size": 49408}
+_CONFIG_DIR = Path(os.environ.get("LOFA_TINY_CONFIG_DIR", Path(__file__).resolve().parent / ".tiny_configs"))
+
+
+def _clip_config(name: str, sizes: dict) -> str:
+    _CONFIG_DIR.mkdir(parents=True, exist_ok=True)
+    path = _CONFIG_DIR / f"{name}.json"
+    text = json.dumps({**_CLIP_COMMON, **sizes}, indent=1)
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+class TinyClipL(comfy.sd1_clip.SDClipModel):
+    def __init__(self, device="cpu", dtype=None):
+        super().__init__(device=device, layer="hidden", layer_idx=-2, textmodel_json_config=_clip_config(
+            "tiny_clip_l", _CLIP_L), dtype=dtype, layer_norm_hidden_state=False)
+
+
+class TinyClipG(comfy.sdxl_clip.SDXLClipG):
+    def __init__(self, device="cpu", dtype=None):
+        comfy.sd1_clip.SDClipModel.__init__(
+            self, device=device, freeze=True, layer="hidden", layer_idx=-2,
+            textmodel_json_config=_clip_config("tiny_clip_g", _CLIP_G), dtype=dtype,
+            special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False)
+
+
+class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+    def __init__(self, device="cpu", dtype=None):
+        torch.nn.Module.__init__(self)
+        self.clip_l = TinyClipL(device=device, dtype=dtype)
+        self.clip_g = TinyClipG(device=device, dtype=dtype)
+
+
+class TinySDXL(comfy.supported_models.SDXL):
+    """Matches only the tiny UNet above; everything else is ComfyUI's SDXL."""
+
+    unet_config = dict(UNET_CONFIG)
+
+    def clip_target(self):
+        return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+
+
+def register() -> None:
+    """Let ComfyUI's loaders (CheckpointLoaderSimple, UNETLoader) detect tiny SDXL files. Idempotent."""
+    models = comfy.supported_models.models
+    if not any(m is TinySDXL or getattr(m, "__name__", "") == "TinySDXL" for m in models):
+        models.insert(0, TinySDXL)
+
+
+def fill_random_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """ComfyUI builds models with uninitialised memory; give every tensor defined random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            if not p.is_floating_point():
+                continue
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "_norm.weight",
+                              "layer_norm1.weight", "layer_norm2.weight", "final_layer_norm.weight")):
+                p.copy_(1 + std * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    return module
+
+
+def build_model(seed: int = 0):
+    """A ModelPatcher around a randomly initialised tiny `model_base.SDXL` (what UNETLoader would return)."""
+    register()
+    config = TinySDXL(dict(FULL_UNET_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    fill_random_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def build_clip(seed: int = 1):
+    register()
+    target = TinySDXL(dict(FULL_UNET_CONFIG)).clip_target()
+    clip = comfy.sd.CLIP(target)
+    fill_random_(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_vae(seed: int = 2):
+    taesd = fill_random_(comfy.taesd.taesd.TAESD(), seed, std=0.05)
+    sd = {k: v for k, v in taesd.state_dict().items()}
+    return comfy.sd.VAE(sd=sd)
+
+
+def save_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A full tiny SDXL checkpoint (UNet + CLIP-L/G + TAESD VAE) for CheckpointLoaderSimple."""
+    model, clip, vae = build_model(seed), build_clip(seed + 1), build_vae(seed + 2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.sd.save_checkpoint(str(path), model, clip, vae, metadata={"lofa.tiny_sdxl": "1"})
+    return path

@@ -1,0 +1,36 @@
+"""Build a fresh (untrained) LoFA hypernetwork sized for a base model's target catalog."""
+
+from __future__ import annotations
+
+import torch
+
+from .conditioning import ConditionSpec
+from .config import axial_config_for
+from .hypernet import LoFAHypernet
+from .targets import TargetCatalog
+
+SMALL = dict(d_model=64, n_heads=4, n_blocks=2, patch_size=32, rank=4)
+
+
+def new_hypernet(catalog: TargetCatalog, condition: ConditionSpec, **sizes) -> LoFAHypernet:
+    """Axial-head Stage-I and Stage-II covering every target shape of `catalog`."""
+    shapes = sorted({t.shape for t in catalog.targets})
+    common = dict(num_depths=catalog.num_depths, num_types=len(catalog.type_names),
+                  context_dim=condition.token_dim, pooled_dim=condition.pooled_dim, **sizes)
+    stage1 = axial_config_for(shapes, stage=1, **{k: v for k, v in common.items() if k != "cross_attn_idxs"})
+    stage2 = axial_config_for(shapes, stage=2, **common)
+    return LoFAHypernet(stage1, stage2)
+
+
+def randomise_lora_heads_(net: LoFAHypernet, seed: int = 0, std: float = 0.02) -> LoFAHypernet:
+    """Replace the zero-initialised B heads with noise, so an untrained network predicts a non-zero LoRA.
+
+    Only for demos and tests of the plumbing: a trained checkpoint never needs this.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for stage in (net.stage1, net.stage2):
+            if stage is not None:
+                stage.head_B.weight.copy_(std * torch.randn(stage.head_B.weight.shape, generator=gen))
+                stage.head_B.bias.copy_(std * torch.randn(stage.head_B.bias.shape, generator=gen))
+    return net

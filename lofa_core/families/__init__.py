@@ -1,0 +1,1 @@
+"""Per-family rules: how to recognise a base model and enumerate its LoRA targets."""

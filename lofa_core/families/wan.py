@@ -1,0 +1,68 @@
+"""WAN 2.1 text-to-video (1.3B, 14B or any size): targets in the authors' `VALID_LAYERS` order."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from ..errors import ModelFamilyError
+from ..targets import GROUP_ATTENTION, GROUP_FFN, Target, TargetCatalog
+
+FAMILY = "wan2.1-t2v"
+ATTENTION_TYPES = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+)
+FFN_TYPES = ("ffn.0", "ffn.2")
+_BLOCK_WEIGHT = re.compile(r"^blocks\.(\d+)\.(.+)\.weight$")
+_KNOWN_SIZES = {(1536, 30): "1.3B", (5120, 40): "14B"}
+
+
+def matches(rel: Mapping[str, tuple[int, ...]]) -> bool:
+    return "blocks.0.self_attn.q.weight" in rel and "blocks.0.cross_attn.q.weight" in rel and (
+        "head.modulation" in rel or "patch_embedding.weight" in rel
+    )
+
+
+def build(rel: Mapping[str, tuple[int, ...]], groups: tuple[str, ...]) -> TargetCatalog:
+    if any(k.startswith("img_emb.") for k in rel):
+        raise ModelFamilyError(
+            "This is a WAN 2.1 image-to-video model (it has img_emb / k_img layers). LoFA's WAN support "
+            "is for WAN 2.1 text-to-video; load the T2V model (e.g. wan2.1_t2v_1.3B)."
+        )
+    type_names = ATTENTION_TYPES + (FFN_TYPES if GROUP_FFN in groups else ())
+    wanted = set(type_names if GROUP_ATTENTION in groups else FFN_TYPES)
+    type_index = {name: i for i, name in enumerate(type_names)}
+    targets = []
+    depths = set()
+    for key, shape in rel.items():
+        m = _BLOCK_WEIGHT.match(key)
+        if not m or m.group(2) not in wanted or len(shape) != 2:
+            continue
+        depth = int(m.group(1))
+        depths.add(depth)
+        targets.append(Target(f"blocks.{depth}.{m.group(2)}", shape[0], shape[1], depth, type_index[m.group(2)]))
+    targets.sort(key=lambda t: (t.depth, t.type_index))
+    num_depths = max(depths) + 1
+    dim = rel["blocks.0.self_attn.q.weight"][0]
+    size = _KNOWN_SIZES.get((dim, num_depths))
+    summary = f"WAN 2.1 T2V{' ' + size if size else ''} ({num_depths} blocks, dim {dim})"
+    return TargetCatalog(FAMILY, type_names, num_depths, groups, tuple(targets), summary)
+
+
+# diffusers' WanTransformer3DModel names -> ComfyUI/original names, per block.
+_DIFFUSERS_TO_COMFY = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
+    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}
+_DIFFUSERS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def diffusers_to_comfy_path(path: str) -> str:
+    """Map a diffusers WAN module path (blocks.3.attn1.to_q) to ComfyUI's (blocks.3.self_attn.q); else as is."""
+    m = _DIFFUSERS_BLOCK.match(path)
+    if m and m.group(2) in _DIFFUSERS_TO_COMFY:
+        return f"blocks.{m.group(1)}.{_DIFFUSERS_TO_COMFY[m.group(2)]}"
+    return path

@@ -1,0 +1,201 @@
+"""The two-stage LoFA hypernetwork (paper Eq. 3-5).
+
+Input per target matrix: its base weight W (out x in), a depth and a type index, and the prompt's condition
+tokens through cross-attention. Stage-I predicts response-map logits for W; Stage-II has the same trunk,
+cross-attends to Stage-I's final tokens after chosen blocks, and predicts B (out x r), A (r x in) and alpha.
+The predicted update is dW = alpha * B @ A (no rank scaling).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import HEAD_AXIAL, RESPONSE_LOGIT, HyperNetConfig
+from .layers import ConditionalBlock, CrossResidualBlock, Learnable2DPos, PatchEmbed, ZeroLinear, softplus_inverse
+
+COLUMN_RMS_EPS = 1e-6
+
+
+def normalise_columns(w: torch.Tensor) -> torch.Tensor:
+    """Divide each in-feature column by its RMS over the out rows (the authors' "per matrix" norm, B2).
+
+    Done in float32 whatever the compute dtype, then cast back, so bf16 weights lose nothing here.
+    """
+    w32 = w.float()
+    return (w32 / torch.sqrt(w32.pow(2).mean(dim=-2, keepdim=True) + COLUMN_RMS_EPS)).to(w.dtype)
+
+
+class _Trunk(nn.Module):
+    """Everything both stages share: weight tokens, embeddings, condition projection, blocks, final norm.
+
+    Attributes are flat (not under a `trunk.` prefix) so parameter names match the authors' checkpoints.
+    """
+
+    def __init__(self, cfg: HyperNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.patch_embed = PatchEmbed(cfg.patch_size, d)
+        self.pos = Learnable2DPos(cfg.max_rows, cfg.max_cols, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_cls else None
+        self.depth_embed = nn.Embedding(cfg.num_depths, d)
+        self.type_embed = nn.Embedding(cfg.num_types, d)
+        nn.init.trunc_normal_(self.depth_embed.weight, std=0.02, a=-2.0, b=2.0)
+        nn.init.trunc_normal_(self.type_embed.weight, std=0.02, a=-2.0, b=2.0)
+        self.text_proj = nn.Linear(cfg.context_dim, d)
+        self.pooled_proj = nn.Linear(cfg.pooled_dim, d) if cfg.pooled_dim else None
+        self.blocks = nn.ModuleList(
+            ConditionalBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.n_blocks)
+        )
+        self.norm = nn.LayerNorm(d)
+        if cfg.head == HEAD_AXIAL:
+            self.head_A = nn.Linear(d, cfg.patch_size * cfg.rank)
+            self.head_B = ZeroLinear(d, cfg.patch_size * cfg.rank)
+        else:
+            out_f, in_f = cfg.head_shape
+            self.head_A = nn.Linear(d, cfg.rank * in_f)
+            self.head_B = ZeroLinear(d, out_f * cfg.rank)
+        self.gradient_checkpointing = False
+
+    # -- inputs ------------------------------------------------------------------------------------------
+    def encode_context(self, tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Condition tokens [Bc, L, context_dim] (+ pooled [Bc, pooled_dim]) -> context [Bc, L(+1), d]."""
+        ctx = self.text_proj(tokens)
+        if self.pooled_proj is not None:
+            if pooled is None:
+                raise ValueError("this hypernetwork needs a pooled condition vector")
+            ctx = torch.cat([ctx, self.pooled_proj(pooled).unsqueeze(1)], dim=1)
+        return ctx
+
+    def embed_weights(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor) -> torch.Tensor:
+        """Base weights [B, out, in] -> tokens [B, (1+) rows*cols, d]."""
+        cfg = self.cfg
+        out_f, in_f = w.shape[-2:]
+        rows, cols = cfg.grid(out_f, in_f)
+        wn = normalise_columns(w).to(self.patch_embed.proj.weight.dtype)
+        wn = F.pad(wn, (0, cols * cfg.patch_size - in_f, 0, rows * cfg.patch_size - out_f))
+        x = self.patch_embed(wn) + self.pos(rows, cols)
+        x = x + (self.depth_embed(depth) + self.type_embed(type_index)).unsqueeze(1)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x
+
+    # -- trunk -------------------------------------------------------------------------------------------
+    def _run_block(self, block: nn.Module, x: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The block is passed as the function itself, so recomputation uses this block (the authors'
+            # late-bound lambda recomputed every block with the last one, bug B1).
+            return checkpoint(block, x, ctx, use_reentrant=False)
+        return block(x, ctx)
+
+    def run_blocks(self, x: torch.Tensor, ctx: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = self._run_block(block, x, ctx)
+        return self.norm(x)
+
+    # -- heads -------------------------------------------------------------------------------------------
+    def lora_factors(self, tokens: torch.Tensor, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final tokens -> (A [B, r, in], B [B, out, r])."""
+        cfg = self.cfg
+        pooled = tokens.mean(dim=1)
+        if cfg.head != HEAD_AXIAL:
+            return (self.head_A(pooled).view(-1, cfg.rank, in_f),
+                    self.head_B(pooled).view(-1, out_f, cfg.rank))
+        rows, cols = cfg.grid(out_f, in_f)
+        grid = tokens[:, 1:] if self.cls_token is not None else tokens
+        grid = rearrange(grid, "b (r c) d -> b r c d", r=rows, c=cols)
+        row_tokens = grid.mean(dim=2) + pooled.unsqueeze(1)
+        col_tokens = grid.mean(dim=1) + pooled.unsqueeze(1)
+        b = rearrange(self.head_B(row_tokens), "b r (p k) -> b (r p) k", k=cfg.rank)[:, :out_f]
+        a = rearrange(self.head_A(col_tokens), "b c (p k) -> b k (c p)", k=cfg.rank)[:, :, :in_f]
+        return a, b
+
+
+class Stage1Net(_Trunk):
+    """Response-map predictor. Its final tokens are the Stage-I features Stage-II attends to."""
+
+    def __init__(self, cfg: HyperNetConfig) -> None:
+        if cfg.stage != 1:
+            raise ValueError("Stage1Net needs a stage=1 config")
+        super().__init__(cfg)
+        self.response_bias = nn.Parameter(torch.zeros(1)) if cfg.response == RESPONSE_LOGIT else None
+
+    def forward_features(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor,
+                         ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (final tokens [B, N, d], response factor A [B, r, in], response factor B [B, out, r])."""
+        tokens = self.run_blocks(self.embed_weights(w, depth, type_index), ctx)
+        a, b = self.lora_factors(tokens, w.shape[-2], w.shape[-1])
+        return tokens, a, b
+
+    def response_logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Response factors -> logits [B, out, in]; sigmoid(logit) > 0.5 marks |dW/W| > tau."""
+        s = torch.bmm(b, a)
+        if self.response_bias is not None:
+            return s + self.response_bias
+        return (F.softplus(s) - self.cfg.tau) / self.cfg.temperature
+
+    def forward(self, w, depth, type_index, ctx):
+        _, a, b = self.forward_features(w, depth, type_index, ctx)
+        return self.response_logits(a, b)
+
+
+class Stage2Net(_Trunk):
+    """LoRA predictor: the Stage-I trunk plus Stage-I-feature injection and an alpha head."""
+
+    def __init__(self, cfg: HyperNetConfig) -> None:
+        if cfg.stage != 2:
+            raise ValueError("Stage2Net needs a stage=2 config")
+        super().__init__(cfg)
+        self.cross_attn_blocks = nn.ModuleDict(
+            {str(i): CrossResidualBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm)
+             for i in cfg.cross_attn_idxs}
+        )
+        self.head_alpha = nn.Linear(cfg.d_model, 1)
+        nn.init.zeros_(self.head_alpha.weight)
+        nn.init.constant_(self.head_alpha.bias, softplus_inverse(cfg.alpha_init))
+
+    def run_blocks(self, x: torch.Tensor, ctx: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = self._run_block(block, x, ctx)
+            inject = self.cross_attn_blocks[str(i)] if str(i) in self.cross_attn_blocks else None
+            if inject is not None:
+                x = self._run_block(inject, x, prior)
+        return self.norm(x)
+
+    def forward(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor, ctx: torch.Tensor,
+                prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (A [B, r, in], B [B, out, r], alpha [B, 1]); dW = alpha * B @ A."""
+        tokens = self.run_blocks(self.embed_weights(w, depth, type_index), ctx, prior)
+        a, b = self.lora_factors(tokens, w.shape[-2], w.shape[-1])
+        alpha = F.softplus(self.head_alpha(tokens.mean(dim=1)))
+        return a, b, alpha
+
+
+class LoFAHypernet(nn.Module):
+    """Both stages in one module, so ComfyUI's model management can load and offload them together."""
+
+    def __init__(self, stage1: HyperNetConfig, stage2: HyperNetConfig | None) -> None:
+        super().__init__()
+        if stage2 is not None:
+            check_stage_pair(stage1, stage2)
+        self.stage1 = Stage1Net(stage1)
+        self.stage2 = Stage2Net(stage2) if stage2 is not None else None
+
+    def shape_problem(self, out_f: int, in_f: int) -> str | None:
+        for net in (self.stage1, self.stage2):
+            if net is not None and (problem := net.cfg.shape_problem(out_f, in_f)):
+                return problem
+        return None
+
+
+def check_stage_pair(stage1: HyperNetConfig, stage2: HyperNetConfig) -> None:
+    """Stage-II reads Stage-I's tokens and the same condition, so these sizes must agree."""
+    fields = ("d_model", "context_dim", "pooled_dim", "num_depths", "num_types")
+    bad = [f"{f}: stage1 {getattr(stage1, f)} vs stage2 {getattr(stage2, f)}"
+           for f in fields if getattr(stage1, f) != getattr(stage2, f)]
+    if bad:
+        raise ValueError("Stage-I and Stage-II configs do not fit together (" + "; ".join(bad) + ")")

@@ -1,0 +1,157 @@
+"""LoRA representations: the predicted factors, ComfyUI's LORA_MODEL dict, files stock loaders read.
+
+Scale convention. A predicted update is dW = scale * up @ down with up = B [out, r], down = A [r, in] and
+scale = the hypernetwork's alpha (no rank scaling). ComfyUI applies `(alpha_stored / r) * up @ down`, so
+files and LORA_MODEL dicts store `alpha_stored = scale * r`; patches carry the same value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LoRAFormatError
+from .families import wan
+from .targets import COMFY_PREFIX, strip_model_prefix
+
+STYLE_COMFYUI = "comfyui"  # diffusion_model.<path>.lora_up.weight (ComfyUI LoraSave / TrainLoraNode)
+STYLE_KOHYA = "kohya"  # lora_unet_<path_with_underscores>.lora_up.weight (also loads on 2024 ComfyUI)
+
+# (up suffix, down suffix) pairs in the order ComfyUI checks them.
+_PAIR_SUFFIXES = (
+    (".lora_up.weight", ".lora_down.weight"),
+    (".lora_B.weight", ".lora_A.weight"),
+    (".lora_B.default.weight", ".lora_A.default.weight"),
+    (".lora.up.weight", ".lora.down.weight"),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+)
+_EXTRA_PREFIXES = ("base_model.model.", "transformer.", "unet.")
+
+
+@dataclass
+class LoRAFactors:
+    """One target's update: dW = scale * up @ down."""
+
+    up: torch.Tensor  # [out, r]
+    down: torch.Tensor  # [r, in]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.up.float() @ self.down.float())
+
+
+@dataclass
+class PredictedLoRA:
+    """A whole LoRA keyed by module path inside the diffusion model (e.g. "blocks.0.self_attn.q")."""
+
+    family: str
+    factors: dict[str, LoRAFactors]
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+
+def to_lora_model(lora: PredictedLoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """ComfyUI LORA_MODEL dict: `diffusion_model.<path>.lora_up.weight`, `.lora_down.weight`, `.alpha`."""
+    return to_state_dict(lora, STYLE_COMFYUI, dtype)
+
+
+def to_state_dict(lora: PredictedLoRA, style: str = STYLE_COMFYUI,
+                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """File/LORA_MODEL tensors in the chosen key style; `alpha` stored as scale * rank (float32 scalar)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, f in lora.factors.items():
+        base = lora_base_name(path, style)
+        up, down = f.up.detach(), f.down.detach()
+        if dtype is not None:
+            up, down = up.to(dtype), down.to(dtype)
+        out[f"{base}.lora_up.weight"] = up.contiguous().cpu()
+        out[f"{base}.lora_down.weight"] = down.contiguous().cpu()
+        out[f"{base}.alpha"] = torch.tensor(f.scale * f.rank, dtype=torch.float32)
+    return out
+
+
+def lora_base_name(path: str, style: str) -> str:
+    if style == STYLE_COMFYUI:
+        return COMFY_PREFIX + path
+    if style == STYLE_KOHYA:
+        return "lora_unet_" + path.replace(".", "_")
+    raise ValueError(f"unknown LoRA key style {style!r}; use '{STYLE_COMFYUI}' or '{STYLE_KOHYA}'")
+
+
+def read_lora_state_dict(sd: Mapping[str, torch.Tensor], module_paths: Iterable[str] | None,
+                         source: str = "the LoRA") -> tuple[dict[str, LoRAFactors], list[str]]:
+    """Parse a LoRA state dict in any common naming into factors keyed by this model's module paths.
+
+    Understands lora_up/lora_down(+alpha), lora_A/lora_B (PEFT, diffusion-pipe), ComfyUI's
+    `diffusion_model.` prefix or none, `transformer.`/`base_model.model.` prefixes, kohya `lora_unet_`
+    names and diffusers WAN names (attn1.to_q, ...). Returns (factors, keys that matched no target). With
+    `module_paths` None any `diffusion_model.`-style name is accepted as is (kohya names then stay unresolved).
+    """
+    known = set(module_paths) if module_paths is not None else None
+    by_kohya = {p.replace(".", "_"): p for p in known or ()}
+    factors: dict[str, LoRAFactors] = {}
+    used: set[str] = set()
+    for key in sd:
+        for up_suffix, down_suffix in _PAIR_SUFFIXES:
+            if not key.endswith(up_suffix):
+                continue
+            base = key[: -len(up_suffix)]
+            down_key = base + down_suffix
+            if down_key not in sd:
+                raise LoRAFormatError(f"{source}: '{key}' has no matching '{down_key}'.")
+            path = _resolve_path(base, known, by_kohya)
+            if path is None:
+                break
+            up, down = sd[key], sd[down_key]
+            if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
+                raise LoRAFormatError(f"{source}: '{key}' {list(up.shape)} and '{down_key}' {list(down.shape)} "
+                                      f"are not a LoRA pair of a linear layer ([out, r] and [r, in]).")
+            alpha_key = base + ".alpha"
+            scale = 1.0
+            if alpha_key in sd:
+                scale = float(sd[alpha_key]) / down.shape[0]
+                used.add(alpha_key)
+            factors[path] = LoRAFactors(up, down, scale)
+            used.update((key, down_key))
+            break
+    leftovers = [k for k in sd if k not in used]
+    return factors, leftovers
+
+
+def _resolve_path(base: str, known: set[str] | None, by_kohya: Mapping[str, str]) -> str | None:
+    if base.startswith("lora_unet_"):
+        return by_kohya.get(base[len("lora_unet_"):])
+    rel = strip_model_prefix(base)
+    for prefix in _EXTRA_PREFIXES:
+        if rel.startswith(prefix):
+            rel = rel[len(prefix):]
+            break
+    if known is None:
+        return rel
+    if rel in known:
+        return rel
+    converted = wan.diffusers_to_comfy_path(rel)
+    return converted if converted in known else None
+
+
+def check_lora_shapes(factors: Mapping[str, LoRAFactors], shapes: Mapping[str, tuple[int, int]],
+                      source: str) -> None:
+    """Raise if a LoRA pair does not fit the weight it patches."""
+    for path, f in factors.items():
+        out_f, in_f = shapes[path]
+        if f.up.shape[0] != out_f or f.down.shape[1] != in_f:
+            raise LoRAFormatError(
+                f"{source}: the LoRA for '{path}' is {f.up.shape[0]}x{f.down.shape[1]} but the model's weight is "
+                f"{out_f}x{in_f}. This LoRA was made for a different base model."
+            )
+
+
+def looks_like_sdxl(paths: Iterable[str]) -> bool:
+    return any(p.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for p in paths)

@@ -1,0 +1,121 @@
+"""From base weights and a prompt to a LoRA: the prediction loop the nodes call.
+
+Targets are grouped by shape and run in chunks, so memory stays bounded by one chunk of W however large the
+base model is; the condition is projected once per prompt, not once per matrix. The caller supplies how to
+read a weight (from a ComfyUI MODEL, a file, a test model) and how to report progress and cancellation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import LoFACheckpoint
+from .conditioning import Condition
+from .errors import LoFAError, WeightError
+from .lora_formats import LoRAFactors, PredictedLoRA
+from .response import ResponseMaps, preview_map
+from .targets import Target
+
+ReadWeight = Callable[[Target], torch.Tensor]
+
+
+@dataclass
+class Prediction:
+    lora: PredictedLoRA | None  # None when only Stage-I ran
+    response: ResponseMaps | None
+
+
+def shape_groups(targets: Sequence[Target], chunk_size: int) -> list[list[Target]]:
+    """Targets of equal shape in chunks of at most `chunk_size`, keeping catalog order inside a shape."""
+    by_shape: dict[tuple[int, int], list[Target]] = defaultdict(list)
+    for t in targets:
+        by_shape[t.shape].append(t)
+    return [group[i:i + chunk_size] for group in by_shape.values() for i in range(0, len(group), chunk_size)]
+
+
+def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWeight, condition: Condition, *,
+            device: torch.device, dtype: torch.dtype, chunk_size: int = 8, with_lora: bool = True,
+            with_response: bool = True, output_device: torch.device | str = "cpu",
+            on_chunk: Callable[[int, int], None] | None = None) -> Prediction:
+    """Run Stage-I (and Stage-II) over `targets`.
+
+    `on_chunk(done, total)` is called after every chunk; it may raise to cancel (ComfyUI's interrupt).
+    """
+    net = ckpt.net
+    if with_lora and net.stage2 is None:
+        raise LoFAError(f"LoFA checkpoint '{ckpt.name}' has only Stage-I (response maps); predicting a LoRA "
+                        f"needs a checkpoint with Stage-II.")
+    for t in targets:
+        if problem := net.shape_problem(t.out_features, t.in_features):
+            raise LoFAError(f"LoFA checkpoint '{ckpt.name}' cannot take {t.key}: {problem}.")
+    chunks = shape_groups(targets, max(1, chunk_size))
+    factors: dict[str, LoRAFactors] = {}
+    maps, actives, kept = [], [], []
+    with torch.inference_mode():
+        tokens = condition.tokens.unsqueeze(0).to(device=device, dtype=dtype)
+        pooled = condition.pooled.unsqueeze(0).to(device=device, dtype=dtype) if condition.pooled is not None else None
+        ctx1 = net.stage1.encode_context(tokens, pooled)
+        ctx2 = net.stage2.encode_context(tokens, pooled) if with_lora else None
+        for done, chunk in enumerate(chunks, start=1):
+            w = torch.stack([_checked_weight(read_weight(t), t) for t in chunk]).to(device=device, dtype=dtype)
+            depth = torch.tensor([t.depth for t in chunk], device=device)
+            kind = torch.tensor([t.type_index for t in chunk], device=device)
+            feats, ra, rb = net.stage1.forward_features(w, depth, kind, ctx1)
+            if with_response:
+                probs = torch.sigmoid(net.stage1.response_logits(ra.float(), rb.float()))
+                actives.extend((probs > 0.5).float().mean(dim=(1, 2)).tolist())
+                maps.extend(preview_map(probs).unbind(0))
+                kept.extend(chunk)
+                del probs
+            if with_lora:
+                a, b, alpha = net.stage2(w, depth, kind, ctx2, feats)
+                a = a.float().to(output_device)
+                b = b.float().to(output_device)
+                for i, t in enumerate(chunk):
+                    factors[t.path] = LoRAFactors(up=b[i].clone(), down=a[i].clone(), scale=float(alpha[i]))
+            del w, feats
+            if on_chunk is not None:
+                on_chunk(done, len(chunks))
+    lora = PredictedLoRA(ckpt.catalog.family, _in_order(factors, targets)) if with_lora else None
+    response = None
+    if with_response:
+        order = {t.key: i for i, t in enumerate(targets)}
+        idx = sorted(range(len(kept)), key=lambda i: order[kept[i].key])
+        response = ResponseMaps(
+            keys=[kept[i].key for i in idx], depths=[kept[i].depth for i in idx],
+            type_indices=[kept[i].type_index for i in idx], type_names=ckpt.catalog.type_names,
+            num_depths=ckpt.catalog.num_depths, maps=[maps[i] for i in idx],
+            active_fraction=[actives[i] for i in idx], family=ckpt.catalog.family,
+        )
+    return Prediction(lora, response)
+
+
+def _checked_weight(w: torch.Tensor, t: Target) -> torch.Tensor:
+    if tuple(w.shape) != t.shape:
+        raise WeightError(f"{t.key} has shape {list(w.shape)}, expected {list(t.shape)}.")
+    if not torch.isfinite(w).all():
+        raise WeightError(f"The base model's weight {t.key} contains NaN or Inf values, so no LoRA can be "
+                          f"predicted for it. The model file is damaged or was saved after a diverged "
+                          f"training run: load a clean copy of the base model.")
+    return w
+
+
+def _in_order(factors: dict[str, LoRAFactors], targets: Sequence[Target]) -> dict[str, LoRAFactors]:
+    return {t.path: factors[t.path] for t in targets if t.path in factors}
+
+
+def truncate_rank(f: LoRAFactors, rank: int) -> LoRAFactors:
+    """Best rank-`rank` approximation of scale * up @ down (exact SVD through two thin QRs)."""
+    if rank >= f.rank:
+        return f
+    qu, ru = torch.linalg.qr(f.up.float())
+    qd, rd = torch.linalg.qr(f.down.float().T)
+    u, s, vh = torch.linalg.svd(ru @ rd.T)
+    root = s[:rank].sqrt()
+    up = (qu @ u[:, :rank]) * root
+    down = root.unsqueeze(1) * (vh[:rank] @ qd.T)
+    return LoRAFactors(up=up, down=down, scale=f.scale)

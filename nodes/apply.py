@@ -1,0 +1,48 @@
+"""LoFA Apply LoRA: MODEL + LORA_MODEL + strength -> patched MODEL (the input MODEL is never modified)."""
+
+from __future__ import annotations
+
+from ..lofa_core.errors import LoRAFormatError
+from ..lofa_core.lora_formats import check_lora_shapes, read_lora_state_dict
+from ..lofa_core.targets import COMFY_PREFIX
+from .comfy_compat import add_patches_checked, make_lora_patch, model_weight_shapes
+
+CATEGORY = "LoFA"
+
+
+class LoFAApplyLoRA:
+    DESCRIPTION = "Patches a LORA_MODEL into a clone of the MODEL through ComfyUI's weight patching."
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The MODEL with the LoRA applied (connect to the sampler).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model to patch."}),
+                "lora": ("LORA_MODEL", {"tooltip": "A LoRA from LoFA Predict LoRA (or any LORA_MODEL)."}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                             "tooltip": "Multiplier of the LoRA's update (1 = as predicted)."}),
+            }
+        }
+
+    def apply(self, model, lora, strength_model):
+        if strength_model == 0:
+            return (model,)
+        shapes = {k[len(COMFY_PREFIX):-len(".weight")]: v for k, v in model_weight_shapes(model).items()
+                  if k.endswith(".weight") and len(v) == 2}
+        factors, leftovers = read_lora_state_dict(lora, shapes, source="the LORA_MODEL")
+        if leftovers:
+            raise LoRAFormatError(
+                f"{len(leftovers)} entries of the LORA_MODEL fit no layer of this MODEL (e.g. {leftovers[:3]}). "
+                f"The LoRA was made for a different base model."
+            )
+        if not factors:
+            raise LoRAFormatError("The LORA_MODEL is empty; connect the lora output of LoFA Predict LoRA.")
+        check_lora_shapes(factors, shapes, "the LORA_MODEL")
+        patches = {f"{COMFY_PREFIX}{path}.weight": make_lora_patch(f.up, f.down, f.scale * f.rank)
+                   for path, f in factors.items()}
+        return (add_patches_checked(model, patches, strength_model),)

@@ -1,0 +1,78 @@
+"""LoFA Predict LoRA: MODEL + LOFA_MODEL + CONDITIONING -> LORA_MODEL (+ Stage-I response maps)."""
+
+from __future__ import annotations
+
+from ..lofa_core.conditioning import prepare_condition
+from ..lofa_core.errors import ConditionError, LoFAError
+from ..lofa_core.lora_formats import PredictedLoRA, to_lora_model
+from ..lofa_core.predict import predict, shape_groups, truncate_rank
+from ..lofa_core.targets import build_catalog, check_compatible, select_targets
+from .comfy_compat import Progress, base_weight, intermediate_device, log, model_weight_shapes
+
+CATEGORY = "LoFA"
+TARGET_CHOICES = ["all", "self-attention", "cross-attention"]
+
+
+class LoFAPredictLoRA:
+    DESCRIPTION = ("Predicts a personalised LoRA for the MODEL from a prompt in one forward pass of the LoFA "
+                   "hypernetwork (no training). Reads the base weights without copying or changing the MODEL.")
+    CATEGORY = CATEGORY
+    FUNCTION = "predict"
+    RETURN_TYPES = ("LORA_MODEL", "LOFA_RESPONSE")
+    RETURN_NAMES = ("lora", "response")
+    OUTPUT_TOOLTIPS = (
+        "The predicted LoRA (ComfyUI LORA_MODEL dict): connect to LoFA Apply LoRA, LoFA Save LoRA or ComfyUI's "
+        "Load LoRA Model.",
+        "Stage-I response maps (which weights the LoRA changes by more than tau): connect to LoFA Response Map "
+        "Preview.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model (WAN 2.1 T2V or SDXL) the LoFA checkpoint was "
+                                               "trained for."}),
+                "lofa_model": ("LOFA_MODEL", {"tooltip": "From Load LoFA Model."}),
+                "conditioning": ("CONDITIONING", {"tooltip": "The prompt, from CLIP Text Encode on the base "
+                                                             "model's text encoder. Only the first entry is used."}),
+                "targets": (TARGET_CHOICES, {"default": "all", "tooltip": "Which attention layers get a LoRA."}),
+                "rank": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "0 = the checkpoint's rank; "
+                                 "smaller = best low-rank approximation (smaller file, slightly different)."}),
+                "batch_size": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip": "Weight matrices per "
+                                       "forward pass. Lower it if the GPU runs out of memory."}),
+            }
+        }
+
+    def predict(self, model, lofa_model, conditioning, targets, rank, batch_size):
+        ckpt = lofa_model.checkpoint
+        model_catalog = build_catalog(model_weight_shapes(model), ckpt.catalog.groups)
+        check_compatible(ckpt.catalog, model_catalog, ckpt.name)
+        chosen = select_targets(ckpt.catalog, targets)
+        if not chosen.targets:
+            raise LoFAError(f"No '{targets}' layers are among the targets of '{ckpt.name}'; choose 'all'.")
+        tokens, pooled = _first_condition(conditioning)
+        condition = prepare_condition(tokens, pooled, ckpt.condition)
+        device = lofa_model.load()
+        progress = Progress(len(shape_groups(chosen.targets, batch_size)))
+        result = predict(ckpt, chosen.targets, lambda t: base_weight(model, t.key), condition,
+                         device=device, dtype=lofa_model.dtype, chunk_size=batch_size,
+                         output_device=intermediate_device(), on_chunk=progress)
+        lora = result.lora
+        if rank:
+            lora = PredictedLoRA(lora.family, {p: truncate_rank(f, rank) for p, f in lora.factors.items()})
+        log.info("LoFA: predicted a rank-%d LoRA for %d layers (%d prompt tokens); %.1f%% of weights respond",
+                 next(iter(lora.factors.values())).rank, len(lora), condition.real_tokens,
+                 100 * result.response.mean_active())
+        return (to_lora_model(lora), result.response)
+
+
+def _first_condition(conditioning):
+    if not conditioning:
+        raise ConditionError("The CONDITIONING is empty. Connect a CLIP Text Encode node with a prompt.")
+    if len(conditioning) > 1:
+        log.warning("LoFA uses the first of %d conditionings (combine prompts before encoding instead).",
+                    len(conditioning))
+    entry = conditioning[0]
+    extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+    return entry[0], extra.get("pooled_output")

@@ -1,0 +1,65 @@
+"""LoFA Save LoRA: LORA_MODEL -> models/loras/<prefix>_NNNNN.safetensors (atomic, never overwrites)."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+import torch
+
+from .. import lofa_core
+from ..lofa_core.errors import LoRAFormatError
+from ..lofa_core.fileio import save_numbered
+from ..lofa_core.lora_formats import (
+    STYLE_COMFYUI,
+    STYLE_KOHYA,
+    PredictedLoRA,
+    looks_like_sdxl,
+    read_lora_state_dict,
+    to_state_dict,
+)
+from .comfy_compat import log
+
+CATEGORY = "LoFA"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class LoFASaveLoRA:
+    DESCRIPTION = ("Saves a LORA_MODEL as a normal LoRA file in models/loras, loadable by ComfyUI's Load LoRA "
+                   "nodes. Picks the next free number; never replaces a file.")
+    CATEGORY = CATEGORY
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "lora": ("LORA_MODEL", {"tooltip": "The LoRA to save."}),
+                "filename_prefix": ("STRING", {"default": "LoFA/lofa", "tooltip": "Path under models/loras; "
+                                               "_00001 etc. is appended."}),
+                "key_style": (["auto", STYLE_COMFYUI, STYLE_KOHYA], {
+                    "default": "auto",
+                    "tooltip": "auto: kohya 'lora_unet_' names for SDXL (load on every ComfyUI version), "
+                               "ComfyUI 'diffusion_model.' names for WAN."}),
+                "dtype": (list(DTYPES), {"default": "float16", "tooltip": "Precision of the saved factors."}),
+            }
+        }
+
+    def save(self, lora, filename_prefix, key_style, dtype):
+        factors, leftovers = read_lora_state_dict(lora, None, source="the LORA_MODEL")
+        if leftovers or not factors:
+            raise LoRAFormatError(f"The LORA_MODEL has entries this node cannot save (e.g. {leftovers[:3]}); "
+                                  f"connect the lora output of LoFA Predict LoRA.")
+        paths = list(factors)
+        family = "sdxl" if looks_like_sdxl(paths) else "wan2.1-t2v"
+        style = key_style if key_style != "auto" else (STYLE_KOHYA if family == "sdxl" else STYLE_COMFYUI)
+        tensors = to_state_dict(PredictedLoRA(family, factors), style, DTYPES[dtype])
+        metadata = {"lofa.generator": f"ComfyUI-LoFA {lofa_core.__version__}", "lofa.family": family,
+                    "lofa.rank": str(next(iter(factors.values())).rank)}
+        root = folder_paths.get_folder_paths("loras")[0]
+        path = save_numbered(tensors, root, filename_prefix.strip() or "LoFA/lofa", metadata)
+        relative = os.path.relpath(path, root)
+        log.info("LoFA: saved LoRA to %s", path)
+        return {"ui": {"lofa_lora": [relative]}, "result": ()}

@@ -1,0 +1,114 @@
+"""SDXL end to end on the real (2024) ComfyUI: predict -> apply -> ComfyUI patches -> unpatch -> save -> reload."""
+
+from __future__ import annotations
+
+import torch
+from conftest import node
+
+from lofa_core.checkpoint import load_checkpoint, save_checkpoint
+from lofa_core.conditioning import SDXL_TEXT, prepare_condition
+from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.predict import predict
+from lofa_core.targets import build_catalog
+
+STRENGTH = 0.7
+
+
+def sdxl_conditioning(seed: int = 0, chunks: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    cond = torch.randn(1, 77 * chunks, 2048, generator=gen)
+    pooled = torch.randn(1, 1280, generator=gen)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def make_checkpoint(comfy, model, path, seed=0):
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
+    catalog = build_catalog(shapes)
+    torch.manual_seed(seed)
+    net = randomise_lora_heads_(new_hypernet(catalog, SDXL_TEXT, **SMALL), seed=seed)
+    save_checkpoint(path, net, catalog, SDXL_TEXT, provenance={"trained": False, "source": "test"})
+    return catalog
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def expected_deltas(ckpt_path, catalog, weights, conditioning):
+    """The LoRA computed directly with lofa_core (outside ComfyUI) from the same inputs."""
+    ckpt = load_checkpoint(ckpt_path)
+    cond = prepare_condition(conditioning[0][0], conditioning[0][1]["pooled_output"], SDXL_TEXT)
+    pred = predict(ckpt, catalog.targets, lambda t: weights[t.key], cond, device=torch.device("cpu"),
+                   dtype=torch.float32)
+    return {f"diffusion_model.{p}.weight": f.delta() for p, f in pred.lora.factors.items()}
+
+
+def run_nodes(comfy, model, ckpt_name, conditioning, **predict_args):
+    (handle,) = node(comfy, "LoFAModelLoader").load(ckpt_name, "float32")
+    args = dict(targets="all", rank=0, batch_size=8) | predict_args
+    lora, response = node(comfy, "LoFAPredictLoRA").predict(model, handle, conditioning, **args)
+    return lora, response
+
+
+def test_predict_apply_patch_unpatch_exact(comfy, model_dirs):
+    import comfy.model_management as mm
+
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    before = snapshot(model)
+    catalog = make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors")
+    conditioning = sdxl_conditioning()
+    lora, response = run_nodes(comfy, model, "tiny.safetensors", conditioning)
+    # tiny UNet: 1+1 input, 1 middle, 2+2 output transformer blocks, 8 projections each
+    assert len(response.maps) == len(catalog) == 7 * 8
+    (patched,) = node(comfy, "LoFAApplyLoRA").apply(model, lora, STRENGTH)
+    assert patched is not model and len(patched.patches) == len(catalog)
+    assert not model.patches, "the input MODEL must stay unpatched"
+
+    expected = expected_deltas(model_dirs.lofa / "tiny.safetensors", catalog, before, conditioning)
+    assert max(d.abs().max().item() for d in expected.values()) > 1e-6, "the test LoRA must not be zero"
+    mm.load_models_gpu([patched])
+    try:
+        after = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    finally:
+        mm.unload_all_models()
+    for key, w0 in before.items():
+        if key in expected:
+            torch.testing.assert_close(after[key], w0 + STRENGTH * expected[key], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(after[key], w0), f"untargeted weight {key} changed"
+    restored = model.model.state_dict()
+    for key, w0 in before.items():
+        assert torch.equal(restored[key], w0), f"{key} not restored bit-exactly after unpatching"
+
+
+def test_saved_file_loads_in_stock_lora_loader(comfy, model_dirs):
+    import comfy.model_management as mm
+
+    model = comfy.tiny_sdxl.build_model(seed=1)
+    before = snapshot(model)
+    catalog = make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=1)
+    conditioning = sdxl_conditioning(seed=1)
+    lora, _ = run_nodes(comfy, model, "tiny.safetensors", conditioning)
+    result = node(comfy, "LoFASaveLoRA").save(lora, "LoFA/test", "auto", "float32")
+    (saved,) = result["ui"]["lofa_lora"]
+    assert (model_dirs.loras / saved).is_file() and saved.endswith("test_00001.safetensors")
+    from safetensors.torch import load_file
+
+    keys = load_file(model_dirs.loras / saved)
+    assert all(k.startswith("lora_unet_") for k in keys), "SDXL files use kohya names (load on 2024 ComfyUI)"
+
+    (stock,) = comfy.mappings["LoraLoaderModelOnly"]().load_lora_model_only(model, saved, STRENGTH)
+    (ours,) = node(comfy, "LoFAApplyLoRA").apply(model, lora, STRENGTH)
+    weights = {}
+    for patcher in (stock, ours):
+        mm.load_models_gpu([patcher])
+        weights[id(patcher)] = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+        mm.unload_all_models()
+    expected = expected_deltas(model_dirs.lofa / "tiny.safetensors", catalog, before, conditioning)
+    for key in expected:
+        torch.testing.assert_close(weights[id(stock)][key], before[key] + STRENGTH * expected[key],
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights[id(stock)][key], weights[id(ours)][key], rtol=1e-5, atol=1e-6)
+
+    second = node(comfy, "LoFASaveLoRA").save(lora, "LoFA/test", "auto", "float16")["ui"]["lofa_lora"][0]
+    assert second.endswith("test_00002.safetensors") and (model_dirs.loras / saved).is_file()
