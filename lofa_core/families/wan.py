@@ -55,7 +55,18 @@ _DIFFUSERS_TO_COMFY = {
     "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
     "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
     "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
-    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+    "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+    "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+    "norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}
+_DIFFUSERS_TOP = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "proj_out": "head.head",
+    "patch_embedding": "patch_embedding",
 }
 _DIFFUSERS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -65,4 +76,33 @@ def diffusers_to_comfy_path(path: str) -> str:
     m = _DIFFUSERS_BLOCK.match(path)
     if m and m.group(2) in _DIFFUSERS_TO_COMFY:
         return f"blocks.{m.group(1)}.{_DIFFUSERS_TO_COMFY[m.group(2)]}"
-    return path
+    return _DIFFUSERS_TOP.get(path, path)
+
+
+def diffusers_to_comfy_key(key: str) -> str:
+    """Map a full diffusers WAN state-dict key to the ComfyUI/original key (parameters included)."""
+    if key == "scale_shift_table":
+        return "head.modulation"
+    m = _DIFFUSERS_BLOCK.match(key)
+    if m and m.group(2) == "scale_shift_table":
+        return f"blocks.{m.group(1)}.modulation"
+    module, _, param = key.rpartition(".")
+    return f"{diffusers_to_comfy_path(module)}.{param}"
+
+
+_COMFY_TO_DIFFUSERS_BLOCK = {v: k for k, v in _DIFFUSERS_TO_COMFY.items()}
+_COMFY_TO_DIFFUSERS_TOP = {v: k for k, v in _DIFFUSERS_TOP.items()}
+
+
+def comfy_to_diffusers_key(key: str) -> str:
+    """Inverse of `diffusers_to_comfy_key`."""
+    if key == "head.modulation":
+        return "scale_shift_table"
+    m = _DIFFUSERS_BLOCK.match(key)
+    if m and m.group(2) == "modulation":
+        return f"blocks.{m.group(1)}.scale_shift_table"
+    module, _, param = key.rpartition(".")
+    m = _DIFFUSERS_BLOCK.match(module)
+    if m and m.group(2) in _COMFY_TO_DIFFUSERS_BLOCK:
+        return f"blocks.{m.group(1)}.{_COMFY_TO_DIFFUSERS_BLOCK[m.group(2)]}.{param}"
+    return f"{_COMFY_TO_DIFFUSERS_TOP.get(module, module)}.{param}"
