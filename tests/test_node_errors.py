@@ -1,0 +1,132 @@
+"""Bad input through the real nodes: every failure names what is wrong and how to fix it; nothing is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import node
+from test_comfy_sdxl import make_checkpoint, sdxl_conditioning
+from test_wan import wan_checkpoint, wan_conditioning
+
+from demo import tiny_wan
+from lofa_core.checkpoint import save_checkpoint
+from lofa_core.conditioning import SDXL_TEXT
+from lofa_core.errors import ModelFamilyError
+from lofa_core.factory import new_hypernet
+from lofa_core.targets import build_catalog
+
+
+def errors(comfy):
+    return comfy.pack.lofa_core.errors  # the pack's own copy of lofa_core (loaded by ComfyUI)
+
+
+def load(comfy, name):
+    return node(comfy, "LoFAModelLoader").load(name, "float32")[0]
+
+
+def predict(comfy, model, handle, conditioning):
+    return node(comfy, "LoFAPredictLoRA").predict(model, handle, conditioning, "all", 0, 8)
+
+
+def real_sdxl_shapes(comfy) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the real SDXL UNet, built with ComfyUI's own class on the meta device."""
+    import comfy.ops
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    config = comfy.supported_models.SDXL({**comfy.supported_models.SDXL.unet_config,
+                                          "in_channels": 4, "out_channels": 4, "num_res_blocks": [2, 2, 2],
+                                          "channel_mult": [1, 2, 4], "transformer_depth_middle": 10,
+                                          "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+                                          "num_classes": "sequential", "use_spatial_transformer": True,
+                                          "legacy": False, "use_checkpoint": False, "image_size": 32,
+                                          "use_temporal_resblock": False})
+    unet = UNetModel(**config.unet_config, device="meta", operations=comfy.ops.disable_weight_init)
+    return {f"diffusion_model.{k}": tuple(v.shape) for k, v in unet.state_dict().items()}
+
+
+def test_real_sdxl_catalog(comfy):
+    catalog = build_catalog(real_sdxl_shapes(comfy))
+    assert catalog.family == "sdxl" and len(catalog) == 560 and catalog.num_depths == 70
+    shapes = {t.path: t.shape for t in catalog.targets}
+    assert shapes["input_blocks.4.1.transformer_blocks.0.attn2.to_k"] == (640, 2048)
+    assert shapes["middle_block.1.transformer_blocks.9.attn2.to_v"] == (1280, 2048)
+    assert shapes["output_blocks.5.1.transformer_blocks.1.attn1.to_out.0"] == (640, 640)
+    first, last = catalog.targets[0], catalog.targets[-1]
+    assert first.path == "input_blocks.4.1.transformer_blocks.0.attn1.to_q" and first.depth == 0
+    assert last.path == "output_blocks.5.1.transformer_blocks.1.attn2.to_out.0" and last.depth == 69
+    middle = [t.depth for t in catalog.targets if t.path.startswith("middle_block")]
+    assert min(middle) == 2 * 2 + 2 * 10, "depth runs input blocks, then middle, then output blocks"
+
+
+def test_unknown_model_family_is_named(comfy):
+    """An SD1.x-like UNet: no ADM input, 768-wide cross-attention context."""
+    shapes = {k: ((v[0], 768) if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) else v)
+              for k, v in real_sdxl_shapes(comfy).items() if "label_emb" not in k}
+    with pytest.raises(ModelFamilyError, match="SD1.x UNet \\(cross-attention context dim 768\\).*WAN 2.1 T2V or SDXL"):
+        build_catalog(shapes)
+    with pytest.raises(ModelFamilyError, match="empty state dict"):
+        build_catalog({})
+
+
+def test_wrong_family_checkpoint(comfy, model_dirs):
+    wan_patcher, _ = tiny_wan.build_view_patcher(seed=0)
+    wan_checkpoint(wan_patcher, model_dirs.lofa / "wan.safetensors")
+    sdxl = comfy.tiny_sdxl.build_model(seed=0)
+    with pytest.raises(errors(comfy).ModelFamilyError, match="trained for WAN 2.1 T2V.*MODEL is SDXL"):
+        predict(comfy, sdxl, load(comfy, "wan.safetensors"), sdxl_conditioning())
+
+
+def test_checkpoint_for_other_shapes(comfy, model_dirs):
+    catalog = build_catalog(real_sdxl_shapes(comfy))
+    net = new_hypernet(catalog, SDXL_TEXT, d_model=32, n_heads=4, n_blocks=1, patch_size=128, rank=2)
+    save_checkpoint(model_dirs.lofa / "full_sdxl.safetensors", net, catalog, SDXL_TEXT)
+    tiny = comfy.tiny_sdxl.build_model(seed=0)
+    with pytest.raises(errors(comfy).ModelFamilyError, match="layers differ.*missing.*trained for"):
+        predict(comfy, tiny, load(comfy, "full_sdxl.safetensors"), sdxl_conditioning())
+
+
+def test_corrupt_and_missing_checkpoint_files(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "good.safetensors")
+    data = (model_dirs.lofa / "good.safetensors").read_bytes()
+    (model_dirs.lofa / "cut.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(errors(comfy).CheckpointError, match="'cut.safetensors'.*(truncated|corrupt)"):
+        load(comfy, "cut.safetensors")
+    with pytest.raises(errors(comfy).CheckpointError, match="'gone.safetensors' was not found in models/lofa"):
+        load(comfy, "gone.safetensors")
+
+
+def test_bad_conditioning(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    handle = load(comfy, "m.safetensors")
+    err = errors(comfy).ConditionError
+    with pytest.raises(err, match="CONDITIONING is empty.*CLIP Text Encode"):
+        predict(comfy, model, handle, [])
+    with pytest.raises(err, match="expects 2048-wide.*SDXL.*has 4096-wide.*umT5"):
+        predict(comfy, model, handle, wan_conditioning())
+    no_pooled = [[sdxl_conditioning()[0][0], {}]]
+    with pytest.raises(err, match="pooled text embedding"):
+        predict(comfy, model, handle, no_pooled)
+
+
+def test_nan_weights_name_the_layer_and_nothing_is_written(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    key = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"
+    with torch.no_grad():
+        comfy.pack.nodes.comfy_compat.comfy.utils.get_attr(model.model, key)[0, 0] = float("nan")
+    with pytest.raises(errors(comfy).WeightError, match=f"{key}.*NaN.*clean copy"):
+        predict(comfy, model, load(comfy, "m.safetensors"), sdxl_conditioning())
+    assert not any(model_dirs.loras.iterdir())
+
+
+def test_apply_rejects_a_lora_for_another_model(comfy, model_dirs):
+    wan_patcher, _ = tiny_wan.build_view_patcher(seed=0)
+    wan_checkpoint(wan_patcher, model_dirs.lofa / "wan.safetensors")
+    lora, _ = predict(comfy, wan_patcher, load(comfy, "wan.safetensors"), wan_conditioning())
+    sdxl = comfy.tiny_sdxl.build_model(seed=0)
+    with pytest.raises(errors(comfy).LoRAFormatError, match="fit no layer of this MODEL.*different base model"):
+        node(comfy, "LoFAApplyLoRA").apply(sdxl, lora, 1.0)
+    assert not sdxl.patches
