@@ -37,9 +37,9 @@ FULL_UNET_CONFIG = {
     "channel_mult": [1, 2, 4], "transformer_depth_output": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
     "use_temporal_resblock": False,
 }
-_CLIP_L = {"hidden_size": 768, "intermediate_size": 64, "num_attention_heads": 12, "num_hidden_layers": 2,
+_CLIP_L = {"hidden_size": 768, "intermediate_size": 64, "num_attention_heads": 12, "num_hidden_layers": 3,
            "projection_dim": 768, "hidden_act": "quick_gelu"}
-_CLIP_G = {"hidden_size": 1280, "intermediate_size": 64, "num_attention_heads": 20, "num_hidden_layers": 2,
+_CLIP_G = {"hidden_size": 1280, "intermediate_size": 64, "num_attention_heads": 20, "num_hidden_layers": 3,
            "projection_dim": 1280, "hidden_act": "gelu"}
 _CLIP_COMMON = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0,
                 "eos_token_id": 2, "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-05,
@@ -60,24 +60,27 @@ def _clip_config(name: str, sizes: dict) -> str:
 
 
 class TinyClipL(comfy.sd1_clip.SDClipModel):
-    def __init__(self, device="cpu", dtype=None):
+    def __init__(self, device="cpu", dtype=None, **kwargs):  # kwargs: model_options on current ComfyUI
         super().__init__(device=device, layer="hidden", layer_idx=-2, textmodel_json_config=_clip_config(
-            "tiny_clip_l", _CLIP_L), dtype=dtype, layer_norm_hidden_state=False)
+            "tiny_clip_l", _CLIP_L), dtype=dtype, layer_norm_hidden_state=False, **kwargs)
 
 
-class TinyClipG(comfy.sdxl_clip.SDXLClipG):
-    def __init__(self, device="cpu", dtype=None):
-        comfy.sd1_clip.SDClipModel.__init__(
-            self, device=device, freeze=True, layer="hidden", layer_idx=-2,
-            textmodel_json_config=_clip_config("tiny_clip_g", _CLIP_G), dtype=dtype,
-            special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False)
+class TinyClipG(comfy.sd1_clip.SDClipModel):
+    def __init__(self, device="cpu", dtype=None, **kwargs):
+        if "model_options" in kwargs:
+            kwargs["model_options"] = {**kwargs["model_options"], "model_name": "clip_g"}
+        super().__init__(device=device, freeze=True, layer="hidden", layer_idx=-2,
+                         textmodel_json_config=_clip_config("tiny_clip_g", _CLIP_G), dtype=dtype,
+                         special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
+                         **kwargs)
 
 
 class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
-    def __init__(self, device="cpu", dtype=None):
+    def __init__(self, device="cpu", dtype=None, **kwargs):
         torch.nn.Module.__init__(self)
-        self.clip_l = TinyClipL(device=device, dtype=dtype)
-        self.clip_g = TinyClipG(device=device, dtype=dtype)
+        self.clip_l = TinyClipL(device=device, dtype=dtype, **kwargs)
+        self.clip_g = TinyClipG(device=device, dtype=dtype, **kwargs)
+        self.dtypes = {dtype}
 
 
 class TinySDXL(comfy.supported_models.SDXL):
@@ -85,7 +88,7 @@ class TinySDXL(comfy.supported_models.SDXL):
 
     unet_config = dict(UNET_CONFIG)
 
-    def clip_target(self):
+    def clip_target(self, state_dict=None):
         return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
 
 
@@ -125,7 +128,8 @@ def build_model(seed: int = 0):
 def build_clip(seed: int = 1):
     register()
     target = TinySDXL(dict(FULL_UNET_CONFIG)).clip_target()
-    clip = comfy.sd.CLIP(target)
+    with torch.no_grad():  # ComfyUI builds text encoders with gradients off (it fills some weights in place)
+        clip = comfy.sd.CLIP(target)
     fill_random_(clip.cond_stage_model, seed)
     return clip
 
@@ -139,6 +143,7 @@ def build_vae(seed: int = 2):
 def save_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     """A full tiny SDXL checkpoint (UNet + CLIP-L/G + TAESD VAE) for CheckpointLoaderSimple."""
     model, clip, vae = build_model(seed), build_clip(seed + 1), build_vae(seed + 2)
+    clip.cond_stage_model.to(torch.float16)  # halves the file (the token tables dominate); loads back as usual
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     comfy.sd.save_checkpoint(str(path), model, clip, vae, metadata={"lofa.tiny_sdxl": "1"})

@@ -1,0 +1,239 @@
+"""Generate the shipped workflows (UI format for dragging in, API format for headless runs) from one spec.
+
+Both formats come from the same graph, so they cannot drift apart. Widget order, sockets and link types come
+from node definitions (ComfyUI's /object_info): core nodes from `tests/data/object_info_comfyui.json`
+(recorded from ComfyUI a125cd8, Oct 2025), LoFA nodes from the pack itself.
+
+Usage: python scripts/build_workflows.py            (rewrites workflows/*.json and workflows/api/*.json)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OBJECT_INFO = REPO / "tests" / "data" / "object_info_comfyui.json"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_INPUTS = {"seed", "noise_seed"}
+
+NEGATIVE_SDXL = "blurry, low quality, distorted, watermark, text"
+NEGATIVE_WAN = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+                "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+                "三条腿，背景人很多，倒着走")
+
+SDXL_NOTE = """# LoFA on SDXL: a personalised LoRA from a prompt, no training
+
+Models (put them here):
+- models/checkpoints: an SDXL base checkpoint, e.g. sd_xl_base_1.0.safetensors
+- models/lofa: a LoFA checkpoint trained for SDXL (python -m training ..., see the README)
+
+The LoFA prompt describes what to personalise; LoFA Predict LoRA turns it into a LoRA in one forward pass,
+LoFA Apply LoRA patches it into the model, LoFA Save LoRA writes it to models/loras (loadable later with
+Load LoRA), and the response map shows which weights the LoRA changes most."""
+
+WAN_NOTE = """# LoFA on WAN 2.1 T2V: a personalised video LoRA from a prompt, no training
+
+Models (put them here):
+- models/diffusion_models: wan2.1_t2v_1.3B_fp16.safetensors
+- models/text_encoders: umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- models/vae: wan_2.1_vae.safetensors
+- models/lofa: a LoFA checkpoint for WAN 2.1 T2V 1.3B (the authors' preview release converted with
+  python -m lofa_core.convert_official, or one you trained; see the README)
+
+The prompt both drives the video and, through LoFA Predict LoRA, becomes the LoRA (as in the paper's
+text-conditioned human-action setting). Needs a current ComfyUI (WAN support, 2025 or later)."""
+
+
+def link(node_id: str, slot: int = 0) -> list:
+    return [node_id, slot]
+
+
+def sdxl_graph() -> tuple[dict, dict]:
+    """API graph and UI layout (id -> (x, y, width, title)) for SDXL."""
+    g = {
+        "1": ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}),
+        "2": ("CLIPTextEncode", {"text": "a photo of a person hiking in the mountains, golden hour",
+                                 "clip": link("1", 1)}),
+        "3": ("CLIPTextEncode", {"text": NEGATIVE_SDXL, "clip": link("1", 1)}),
+        "4": ("LoFAModelLoader", {"lofa_name": "lofa_sdxl.safetensors", "dtype": "auto"}),
+        "5": ("CLIPTextEncode", {"text": "a person with curly red hair and freckles, warm smile",
+                                 "clip": link("1", 1)}),
+        "6": ("LoFAPredictLoRA", {"model": link("1"), "lofa_model": link("4"), "conditioning": link("5"),
+                                  "targets": "all", "rank": 0, "batch_size": 8}),
+        "7": ("LoFAApplyLoRA", {"model": link("1"), "lora": link("6"), "strength_model": 1.0}),
+        "8": ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        "9": ("KSampler", {"model": link("7"), "seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
+                           "scheduler": "normal", "positive": link("2"), "negative": link("3"),
+                           "latent_image": link("8"), "denoise": 1.0}),
+        "10": ("VAEDecode", {"samples": link("9"), "vae": link("1", 2)}),
+        "11": ("SaveImage", {"images": link("10"), "filename_prefix": "LoFA/sdxl"}),
+        "12": ("LoFASaveLoRA", {"lora": link("6"), "filename_prefix": "LoFA/sdxl", "key_style": "auto",
+                                "dtype": "float16"}),
+        "13": ("LoFAResponsePreview", {"response": link("6", 1), "cell_size": 40}),
+        "14": ("SaveImage", {"images": link("13"), "filename_prefix": "LoFA/sdxl_response"}),
+    }
+    layout = {
+        "1": (0, 160, 320, "Load SDXL checkpoint"), "2": (360, 0, 400, "Prompt"),
+        "3": (360, 220, 400, "Negative prompt"), "4": (0, 420, 320, None), "5": (360, 440, 400, "LoFA prompt"),
+        "6": (800, 380, 320, None), "7": (1160, 220, 300, None), "8": (800, 620, 300, None),
+        "9": (1500, 100, 320, None), "10": (1860, 100, 220, None), "11": (2120, 100, 400, "Image"),
+        "12": (1160, 440, 320, None), "13": (1160, 660, 320, None), "14": (1520, 660, 400, "Response map"),
+    }
+    return g, layout
+
+
+def wan_graph() -> tuple[dict, dict]:
+    g = {
+        "1": ("UNETLoader", {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
+        "2": ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                             "device": "default"}),
+        "3": ("VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        "4": ("ModelSamplingSD3", {"model": link("1"), "shift": 8.0}),
+        "5": ("CLIPTextEncode", {"text": "A man performs a jumping jack: he jumps, spreads his arms and legs "
+                                         "wide, then returns to standing. Full body, plain studio background.",
+                                 "clip": link("2")}),
+        "6": ("CLIPTextEncode", {"text": NEGATIVE_WAN, "clip": link("2")}),
+        "7": ("LoFAModelLoader", {"lofa_name": "lofa_wan21_t2v_1.3B.safetensors", "dtype": "auto"}),
+        "8": ("LoFAPredictLoRA", {"model": link("4"), "lofa_model": link("7"), "conditioning": link("5"),
+                                  "targets": "all", "rank": 0, "batch_size": 8}),
+        "9": ("LoFAApplyLoRA", {"model": link("4"), "lora": link("8"), "strength_model": 1.0}),
+        "10": ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+        "11": ("KSampler", {"model": link("9"), "seed": 42, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc",
+                            "scheduler": "simple", "positive": link("5"), "negative": link("6"),
+                            "latent_image": link("10"), "denoise": 1.0}),
+        "12": ("VAEDecode", {"samples": link("11"), "vae": link("3")}),
+        "13": ("SaveAnimatedWEBP", {"images": link("12"), "filename_prefix": "LoFA/wan", "fps": 16.0,
+                                    "lossless": False, "quality": 90, "method": "default"}),
+        "14": ("LoFASaveLoRA", {"lora": link("8"), "filename_prefix": "LoFA/wan", "key_style": "auto",
+                                "dtype": "float16"}),
+        "15": ("LoFAResponsePreview", {"response": link("8", 1), "cell_size": 40}),
+        "16": ("SaveImage", {"images": link("15"), "filename_prefix": "LoFA/wan_response"}),
+    }
+    layout = {
+        "1": (0, 0, 340, "Load WAN 2.1 T2V"), "2": (0, 160, 340, "Load umT5 text encoder"),
+        "3": (0, 340, 340, None), "4": (380, 0, 280, None), "5": (380, 160, 420, "Prompt (also the LoFA prompt)"),
+        "6": (380, 420, 420, "Negative prompt"), "7": (0, 480, 340, None), "8": (840, 300, 320, None),
+        "9": (1200, 100, 300, None), "10": (840, 560, 320, None), "11": (1540, 100, 320, None),
+        "12": (1900, 100, 220, None), "13": (2160, 100, 420, "Video"), "14": (1200, 320, 320, None),
+        "15": (1200, 560, 320, None), "16": (1560, 560, 400, "Response map"),
+    }
+    return g, layout
+
+
+WORKFLOWS = {"lofa_sdxl": (sdxl_graph, SDXL_NOTE), "lofa_wan21_t2v": (wan_graph, WAN_NOTE)}
+
+
+def to_api(graph: dict, layout: dict) -> dict:
+    api = {}
+    for node_id, (class_type, inputs) in graph.items():
+        title = layout[node_id][3] or class_type
+        api[node_id] = {"class_type": class_type, "inputs": dict(inputs), "_meta": {"title": title}}
+    return api
+
+
+def input_order(definition: dict) -> list[tuple[str, list]]:
+    spec = definition["input"]
+    order = definition.get("input_order") or {s: list(spec.get(s, {})) for s in ("required", "optional")}
+    return [(name, spec[section][name]) for section in ("required", "optional") for name in order.get(section, [])]
+
+
+def input_type(spec: list) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def is_seed(name: str, spec: list) -> bool:
+    opts = spec[1] if len(spec) > 1 else {}
+    return name in SEED_INPUTS or bool(opts.get("control_after_generate"))
+
+
+def to_ui(graph: dict, layout: dict, note: str, info: dict) -> dict:
+    """UI (frontend) format: nodes with sockets and positional widget values, plus typed links."""
+    nodes, links, link_id = [], [], 0
+    ui_nodes = {}
+    for order, (node_id, (class_type, inputs)) in enumerate(graph.items()):
+        definition = info[class_type]
+        x, y, width, title = layout[node_id]
+        sockets, widgets = [], []
+        for name, spec in input_order(definition):
+            kind = input_type(spec)
+            value = inputs.get(name)
+            if kind in WIDGET_TYPES and not isinstance(value, list):
+                widgets.append(value if value is not None else (spec[1] or {}).get("default"))
+                if kind == "INT" and is_seed(name, spec):
+                    widgets.append("fixed")
+            elif kind not in WIDGET_TYPES:
+                sockets.append({"name": name, "type": kind, "link": None})
+        outputs = [{"name": (definition.get("output_name") or definition["output"])[i], "type": t, "links": [],
+                    "slot_index": i} for i, t in enumerate(definition["output"])]
+        node = {"id": int(node_id), "type": class_type, "pos": [x, y], "size": [width, 60 + 26 * (
+            len(sockets) + len(widgets) + len(outputs))], "flags": {}, "order": order, "mode": 0,
+            "inputs": sockets, "outputs": outputs, "properties": {"Node name for S&R": class_type},
+            "widgets_values": widgets}
+        if title:
+            node["title"] = title
+        ui_nodes[node_id] = node
+        nodes.append(node)
+    for node_id, (_, inputs) in graph.items():
+        for name, value in inputs.items():
+            if not isinstance(value, list):
+                continue
+            src, slot = value
+            link_id += 1
+            target = ui_nodes[node_id]
+            socket_index = next(i for i, s in enumerate(target["inputs"]) if s["name"] == name)
+            target["inputs"][socket_index]["link"] = link_id
+            out = ui_nodes[src]["outputs"][slot]
+            out["links"].append(link_id)
+            links.append([link_id, int(src), slot, int(node_id), socket_index, out["type"]])
+    note_id = max(int(k) for k in graph) + 1
+    nodes.append({"id": note_id, "type": "Note", "pos": [0, -320], "size": [760, 280], "flags": {},
+                  "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
+                  "widgets_values": [note], "title": "Read me"})
+    return {"last_node_id": note_id, "last_link_id": link_id, "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 360]}}, "version": 0.4}
+
+
+def node_definition(cls) -> dict:
+    """What ComfyUI's GET /object_info reports for a V1 node class (the fields workflows depend on)."""
+    return {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES),
+            "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+            "output_node": bool(getattr(cls, "OUTPUT_NODE", False)), "category": getattr(cls, "CATEGORY", "")}
+
+
+def lofa_definitions() -> dict:
+    """Definitions of the LoFA nodes, read from the pack loaded into the embedded ComfyUI."""
+    sys.path.insert(0, str(REPO))
+    from demo import runtime
+
+    root = runtime.runtime_root()
+    runtime.import_comfy(root)
+    import nodes
+
+    pack = runtime.load_pack(nodes)
+    return {name: node_definition(cls) for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
+
+
+def load_object_info() -> dict:
+    info = json.loads(OBJECT_INFO.read_text())["nodes"]
+    info.update(lofa_definitions())
+    return info
+
+
+def build() -> list[Path]:
+    info = load_object_info()
+    written = []
+    for name, (make, note) in WORKFLOWS.items():
+        graph, layout = make()
+        (REPO / "workflows" / "api").mkdir(parents=True, exist_ok=True)
+        for path, data in ((REPO / "workflows" / "api" / f"{name}.json", to_api(graph, layout)),
+                           (REPO / "workflows" / f"{name}.json", to_ui(graph, layout, note, info))):
+            path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in build():
+        print(p.relative_to(REPO))
