@@ -121,6 +121,8 @@ def render_grid(maps: ResponseMaps, cell: int = 40, gap: int = 2, max_rows_per_p
                 margin_left: int = 0, margin_top: int = 0) -> tuple[torch.Tensor, GridLayout]:
     """Paper Fig. 2 style grid: rows = depth, columns = type; long models wrap into side-by-side panels.
 
+    Maps keep their aspect ratio (non-square layers look non-square) down to a quarter of a cell.
+
     Returns an image [H, W, 3] in [0, 1] and its layout. Empty cells (targets not predicted) stay dark grey.
     """
     num_types = len(maps.type_names)
@@ -137,7 +139,8 @@ def render_grid(maps: ResponseMaps, cell: int = 40, gap: int = 2, max_rows_per_p
     for m, depth, type_index in zip(maps.maps, maps.depths, maps.type_indices):
         h, w = m.shape
         scale = cell / max(h, w)
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        # keep the aspect, but never thinner than a quarter cell: a 640x2048 map must stay readable
+        size = (max(cell // 4, round(h * scale)), max(cell // 4, round(w * scale)))
         tile = F.interpolate(m.float()[None, None], size=size, mode="nearest")[0, 0]
         y, x = layout.cell_origin(depth, type_index)
         oy, ox = (cell - size[0]) // 2, (cell - size[1]) // 2
