@@ -55,7 +55,7 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
     chunks = shape_groups(targets, max(1, chunk_size))
     factors: dict[str, LoRAFactors] = {}
     maps, actives, kept = [], [], []
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: the LoRA tensors may feed autograd later (training nodes)
         tokens = condition.tokens.unsqueeze(0).to(device=device, dtype=dtype)
         pooled = condition.pooled.unsqueeze(0).to(device=device, dtype=dtype) if condition.pooled is not None else None
         ctx1 = net.stage1.encode_context(tokens, pooled)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
+import pytest
 import torch
 from conftest import node
 
@@ -112,3 +116,46 @@ def test_saved_file_loads_in_stock_lora_loader(comfy, model_dirs):
 
     second = node(comfy, "LoFASaveLoRA").save(lora, "LoFA/test", "auto", "float16")["ui"]["lofa_lora"][0]
     assert second.endswith("test_00002.safetensors") and (model_dirs.loras / saved).is_file()
+
+
+def test_cancel_button_stops_prediction(comfy, model_dirs):
+    import comfy.model_management as mm
+
+    model = comfy.tiny_sdxl.build_model(seed=2)
+    make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=2)
+    (handle,) = node(comfy, "LoFAModelLoader").load("tiny.safetensors", "float32")
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node(comfy, "LoFAPredictLoRA").predict(model, handle, sdxl_conditioning(), "all", 0, 1)
+    finally:
+        mm.interrupt_current_processing(False)
+
+
+def test_lora_model_plugs_into_stock_lora_model_loader(comfy, model_dirs):
+    """Current ComfyUI's own LoraModelLoader (LORA_MODEL input) applies the predicted LoRA identically."""
+    import comfy.model_management as mm
+
+    extra = comfy.root / "comfy_extras" / "nodes_train.py"
+    if "LoraModelLoader" not in comfy.mappings and extra.exists():
+        loaded = comfy.nodes.load_custom_node(str(extra), module_parent="comfy_extras")
+        if inspect.iscoroutine(loaded):
+            asyncio.run(loaded)
+    if "LoraModelLoader" not in comfy.mappings:
+        pytest.skip("this ComfyUI has no LoraModelLoader node (added in 2025)")
+    model = comfy.tiny_sdxl.build_model(seed=3)
+    make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=3)
+    lora, _ = run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=3))
+    stock_node = comfy.mappings["LoraModelLoader"]
+    if hasattr(stock_node, "execute"):  # V3 node (newer ComfyUI)
+        stock = stock_node.execute(model=model, lora=lora, strength_model=STRENGTH)[0]
+    else:
+        stock = getattr(stock_node(), stock_node.FUNCTION)(model, lora, STRENGTH)[0]
+    (ours,) = node(comfy, "LoFAApplyLoRA").apply(model, lora, STRENGTH)
+    weights = []
+    for patcher in (stock, ours):
+        mm.load_models_gpu([patcher])
+        weights.append({k: v.detach().clone() for k, v in model.model.state_dict().items()})
+        mm.unload_all_models()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-6, atol=1e-7)
