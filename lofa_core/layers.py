@@ -1,8 +1,8 @@
 """Transformer building blocks of the LoFA hypernetwork.
 
-Module and parameter names follow the authors' released model (see docs/official-model.md), so a converted
-official checkpoint loads into these modules key for key. The maths is written from the specification; no
-code was taken from the authors' repository.
+Module and parameter names follow the authors' released model, so a converted official checkpoint loads into
+these modules key for key. The maths is written from a specification of that model; no code was taken from
+the authors' repository.
 """
 
 from __future__ import annotations

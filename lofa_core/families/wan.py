@@ -69,40 +69,41 @@ _DIFFUSERS_TOP = {
     "patch_embedding": "patch_embedding",
 }
 _DIFFUSERS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK = re.compile(r"^blocks\.\d+$")
+_COMFY_TO_DIFFUSERS = {v: k for k, v in _DIFFUSERS_TO_COMFY.items()}
+_COMFY_TOP = {v: k for k, v in _DIFFUSERS_TOP.items()}
+
+
+def _rename_module(path: str, block_map: dict[str, str], top_map: dict[str, str]) -> str:
+    m = _DIFFUSERS_BLOCK.match(path)
+    if m and m.group(2) in block_map:
+        return f"blocks.{m.group(1)}.{block_map[m.group(2)]}"
+    return top_map.get(path, path)
+
+
+def _rename_key(key: str, block_map: dict[str, str], top_map: dict[str, str], head_table: tuple[str, str],
+                block_table: tuple[str, str]) -> str:
+    """Rename a state-dict key; the modulation tables are parameters whose own names differ too."""
+    if key == head_table[0]:
+        return head_table[1]
+    module, _, param = key.rpartition(".")
+    if _BLOCK.match(module) and param == block_table[0]:
+        return f"{module}.{block_table[1]}"
+    return f"{_rename_module(module, block_map, top_map)}.{param}"
 
 
 def diffusers_to_comfy_path(path: str) -> str:
     """Map a diffusers WAN module path (blocks.3.attn1.to_q) to ComfyUI's (blocks.3.self_attn.q); else as is."""
-    m = _DIFFUSERS_BLOCK.match(path)
-    if m and m.group(2) in _DIFFUSERS_TO_COMFY:
-        return f"blocks.{m.group(1)}.{_DIFFUSERS_TO_COMFY[m.group(2)]}"
-    return _DIFFUSERS_TOP.get(path, path)
+    return _rename_module(path, _DIFFUSERS_TO_COMFY, _DIFFUSERS_TOP)
 
 
 def diffusers_to_comfy_key(key: str) -> str:
     """Map a full diffusers WAN state-dict key to the ComfyUI/original key (parameters included)."""
-    if key == "scale_shift_table":
-        return "head.modulation"
-    m = _DIFFUSERS_BLOCK.match(key)
-    if m and m.group(2) == "scale_shift_table":
-        return f"blocks.{m.group(1)}.modulation"
-    module, _, param = key.rpartition(".")
-    return f"{diffusers_to_comfy_path(module)}.{param}"
-
-
-_COMFY_TO_DIFFUSERS_BLOCK = {v: k for k, v in _DIFFUSERS_TO_COMFY.items()}
-_COMFY_TO_DIFFUSERS_TOP = {v: k for k, v in _DIFFUSERS_TOP.items()}
+    return _rename_key(key, _DIFFUSERS_TO_COMFY, _DIFFUSERS_TOP, ("scale_shift_table", "head.modulation"),
+                       ("scale_shift_table", "modulation"))
 
 
 def comfy_to_diffusers_key(key: str) -> str:
     """Inverse of `diffusers_to_comfy_key`."""
-    if key == "head.modulation":
-        return "scale_shift_table"
-    m = _DIFFUSERS_BLOCK.match(key)
-    if m and m.group(2) == "modulation":
-        return f"blocks.{m.group(1)}.scale_shift_table"
-    module, _, param = key.rpartition(".")
-    m = _DIFFUSERS_BLOCK.match(module)
-    if m and m.group(2) in _COMFY_TO_DIFFUSERS_BLOCK:
-        return f"blocks.{m.group(1)}.{_COMFY_TO_DIFFUSERS_BLOCK[m.group(2)]}.{param}"
-    return f"{_COMFY_TO_DIFFUSERS_TOP.get(module, module)}.{param}"
+    return _rename_key(key, _COMFY_TO_DIFFUSERS, _COMFY_TOP, ("head.modulation", "scale_shift_table"),
+                       ("modulation", "scale_shift_table"))
