@@ -24,7 +24,7 @@ from ..lofa_core.errors import LoFAError
 log = logging.getLogger("ComfyUI-LoFA")
 
 LOFA_FOLDER = "lofa"
-LOFA_EXTENSIONS = {".safetensors"}
+LOFA_EXTENSIONS = {".safetensors", ".pth"}  # .pth: the authors' release, converted on first use
 
 try:  # ComfyUI >= April 2025 (PR #7540): weight adapters; the tuple form is ignored there.
     from comfy.weight_adapter import LoRAAdapter
@@ -33,7 +33,7 @@ except ImportError:  # older ComfyUI: ("lora", tuple) patches
 
 
 def register_model_folder() -> None:
-    """Add `models/lofa` (safetensors only), keeping paths that extra_model_paths.yaml already added."""
+    """Add `models/lofa`, keeping paths that extra_model_paths.yaml already added."""
     default = os.path.join(folder_paths.models_dir, LOFA_FOLDER)
     entry = folder_paths.folder_names_and_paths.get(LOFA_FOLDER)
     if entry is None:

@@ -35,17 +35,19 @@ The LoFA prompt describes what to personalise; LoFA Predict LoRA turns it into a
 LoFA Apply LoRA patches it into the model, LoFA Save LoRA writes it to models/loras (loadable later with
 Load LoRA), and the response map shows which weights the LoRA changes most."""
 
-WAN_NOTE = """# LoFA on WAN 2.1 T2V: a personalised video LoRA from a prompt, no training
+WAN_NOTE = """# LoFA on WAN 2.1 T2V 1.3B with the authors' released model: a motion LoRA from a prompt, no training
 
 Models (put them here):
 - models/diffusion_models: wan2.1_t2v_1.3B_fp16.safetensors
 - models/text_encoders: umt5_xxl_fp8_e4m3fn_scaled.safetensors
 - models/vae: wan_2.1_vae.safetensors
-- models/lofa: a LoFA checkpoint for WAN 2.1 T2V 1.3B (the authors' preview release converted with
-  python -m lofa_core.convert_official, or one you trained; see the README)
+- models/lofa: stage1_preview.pth AND stage2_preview.pth from huggingface.co/ymhao/LoFA_v0 (converted on first
+  use; or convert once with python -m lofa_core.convert_official and pick the .safetensors)
 
-The prompt both drives the video and, through LoFA Predict LoRA, becomes the LoRA (as in the paper's
-text-conditioned human-action setting). Needs a current ComfyUI (WAN support, 2025 or later)."""
+The prompt drives the video and, through LoFA Predict LoRA, becomes the LoRA, as in the authors' pipeline
+(same LoRA for both CFG passes; sampling as the authors: shift 5, 50 Euler steps, CFG 5, 81 frames, 832x480).
+The preview model was trained on MotionX human-action prompts: describe a person's motion in detail.
+The official model fits only WAN 2.1 T2V 1.3B. Needs a ComfyUI with WAN support (2025 or later)."""
 
 
 def link(node_id: str, slot: int = 0) -> list:
@@ -92,17 +94,17 @@ def wan_graph() -> tuple[dict, dict]:
         "2": ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
                              "device": "default"}),
         "3": ("VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
-        "4": ("ModelSamplingSD3", {"model": link("1"), "shift": 8.0}),
+        "4": ("ModelSamplingSD3", {"model": link("1"), "shift": 5.0}),
         "5": ("CLIPTextEncode", {"text": "A man performs a jumping jack: he jumps, spreads his arms and legs "
                                          "wide, then returns to standing. Full body, plain studio background.",
                                  "clip": link("2")}),
         "6": ("CLIPTextEncode", {"text": NEGATIVE_WAN, "clip": link("2")}),
-        "7": ("LoFAModelLoader", {"lofa_name": "lofa_wan21_t2v_1.3B.safetensors", "dtype": "auto"}),
+        "7": ("LoFAModelLoader", {"lofa_name": "stage2_preview.pth", "dtype": "auto"}),
         "8": ("LoFAPredictLoRA", {"model": link("4"), "lofa_model": link("7"), "conditioning": link("5"),
                                   "targets": "all", "rank": 0, "batch_size": 8}),
         "9": ("LoFAApplyLoRA", {"model": link("4"), "lora": link("8"), "strength_model": 1.0}),
-        "10": ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
-        "11": ("KSampler", {"model": link("9"), "seed": 42, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc",
+        "10": ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 81, "batch_size": 1}),
+        "11": ("KSampler", {"model": link("9"), "seed": 42, "steps": 50, "cfg": 5.0, "sampler_name": "euler",
                             "scheduler": "simple", "positive": link("5"), "negative": link("6"),
                             "latent_image": link("10"), "denoise": 1.0}),
         "12": ("VAEDecode", {"samples": link("11"), "vae": link("3")}),

@@ -44,7 +44,8 @@ def model_dirs(comfy, tmp_path, monkeypatch):
     loras.mkdir()
     lofa.mkdir()
     monkeypatch.setitem(fp.folder_names_and_paths, "loras", ([str(loras)], set(fp.supported_pt_extensions)))
-    monkeypatch.setitem(fp.folder_names_and_paths, "lofa", ([str(lofa)], {".safetensors"}))
+    extensions = set(comfy.pack.nodes.comfy_compat.LOFA_EXTENSIONS)
+    monkeypatch.setitem(fp.folder_names_and_paths, "lofa", ([str(lofa)], extensions))
     if isinstance(getattr(fp, "filename_list_cache", None), dict):
         monkeypatch.setattr(fp, "filename_list_cache", {})
     return types.SimpleNamespace(loras=loras, lofa=lofa)
