@@ -153,7 +153,10 @@ def test_converted_model_matches_the_authors_forward(tmp_path):
         ours_feats, ra, rb = ckpt.net.stage1.forward_features(
             w, depth, kind, ckpt.net.stage1.encode_context(cond.tokens[None]))
         ours_logits = ckpt.net.stage1.response_logits(ra, rb)
+        ours_a, ours_b, ours_alpha = ckpt.net.stage2(w, depth, kind, ckpt.net.stage2.encode_context(
+            cond.tokens[None]), ours_feats)
     assert rel_err(ours_feats, feats) < 1e-5 and rel_err(ours_logits, logits) < 1e-5
+    assert max(rel_err(ours_a, a), rel_err(ours_b, b), rel_err(ours_alpha, alpha)) < 1e-5
     for i, t in enumerate(targets):
         expected = alpha[i] * (b[i] @ a[i])
         assert expected.abs().max() > 0
