@@ -65,9 +65,10 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from the weight tokens, keys/values from a context already projected to `dim`.
 
-    A context with batch 1 is shared by every query sequence (one prompt for all target matrices). Then the
-    query sequences are folded into one long sequence that attends to the single context: the same result as
-    repeating the context per matrix, without materialising the repeats.
+    The context batch may be smaller than the query batch: with S contexts and S*g query sequences, each
+    consecutive group of g sequences shares one context (one prompt for all its target matrices). Each group's
+    sequences are folded into one long query sequence that attends to its context: the same result as repeating
+    the context per matrix, without materialising the repeats.
     """
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = True) -> None:
@@ -86,14 +87,13 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         k, v = self.keys_values(context)
         q = self.q_norm(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads))
-        if context.shape[0] == 1 and x.shape[0] > 1:
-            batch = x.shape[0]
-            q = rearrange(q, "b h n d -> 1 h (b n) d")
-            out = F.scaled_dot_product_attention(q, k, v)
-            out = rearrange(out, "1 h (b n) d -> b n (h d)", b=batch)
-        else:
-            out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
-        return self.proj(out)
+        contexts, batch = context.shape[0], x.shape[0]
+        if batch % contexts:
+            raise ValueError(f"{batch} query sequences cannot share {contexts} contexts evenly")
+        group = batch // contexts
+        q = rearrange(q, "(s g) h n d -> s h (g n) d", g=group)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "s h (g n) d -> (s g) n (h d)", g=group))
 
 
 class ConditionalBlock(nn.Module):

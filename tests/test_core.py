@@ -89,6 +89,12 @@ def test_shared_context_equals_repeated_context():
     shared = net.stage1.forward_features(w, ids, ids % 2, ctx)[0]
     repeated = net.stage1.forward_features(w, ids, ids % 2, ctx.expand(3, -1, -1).contiguous())[0]
     torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+    # two prompts, two matrices each: grouped contexts equal contexts repeated per matrix
+    w4, ids4 = torch.randn(4, 64, 64), torch.tensor([0, 1, 2, 0])
+    two = net.stage1.encode_context(torch.randn(2, 7, 2048), torch.randn(2, 1280))
+    grouped = net.stage1.forward_features(w4, ids4, ids4 % 2, two)[0]
+    per_matrix = net.stage1.forward_features(w4, ids4, ids4 % 2, two.repeat_interleave(2, dim=0))[0]
+    torch.testing.assert_close(grouped, per_matrix, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
