@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import ConditionError
 
@@ -107,3 +109,30 @@ def prepare_condition(tokens: torch.Tensor, pooled: torch.Tensor | None, spec: C
 def _guess_encoder(width: int) -> str:
     names = {4096: "umT5-XXL / T5-XXL", 2048: "SDXL CLIP-L + CLIP-G", 768: "SD1.x CLIP-L", 1024: "SD2.x OpenCLIP-H"}
     return f" (that looks like {names[width]})" if width in names else ""
+
+
+def collapse_padding(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, D] tokens -> (distinct leading tokens plus one zero row, log-multiplicities).
+
+    The zero rows that pad a WAN prompt to 512 are identical, so the hypernetwork attends to them as one key with
+    log(count) added to its logit: exactly the same attention, a fraction of the work.
+    """
+    nonzero = (tokens.abs().sum(dim=-1) > 0).nonzero()
+    real = int(nonzero[-1]) + 1 if nonzero.numel() else 0
+    padding = tokens.shape[0] - real
+    if padding <= 1:
+        return tokens, torch.zeros(tokens.shape[0])
+    kept = torch.cat([tokens[:real], tokens.new_zeros(1, tokens.shape[1])])
+    log_counts = torch.zeros(real + 1)
+    log_counts[-1] = math.log(padding)
+    return kept, log_counts
+
+
+def stack_collapsed(conditions: list[Condition]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Collapsed tokens of several prompts in one batch: (tokens [S, L, D], log_counts [S, L], pooled)."""
+    parts = [collapse_padding(c.tokens) for c in conditions]
+    length = max(t.shape[0] for t, _ in parts)
+    tokens = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[0])) for t, _ in parts])
+    log_counts = torch.stack([F.pad(c, (0, length - c.shape[0]), value=-math.inf) for _, c in parts])
+    pooled = torch.stack([c.pooled for c in conditions]) if conditions[0].pooled is not None else None
+    return tokens, log_counts, pooled

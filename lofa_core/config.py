@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 HEAD_POOLED = "pooled"
 HEAD_AXIAL = "axial"
 RESPONSE_SOFTPLUS_TAU = "softplus_tau"  # authors': logits = (softplus(B A) - tau) / temperature
-RESPONSE_LOGIT = "logit"  # logits = B A + bias: unbounded in both directions (avoids the authors' -tau/T floor)
+# this pack's default: each weight token decodes the logits of its own patch, minus a learned multiple of log|W|
+# (R = 1[|dW| > tau |W|] depends on |W| element by element); full resolution, unbounded both ways
+RESPONSE_PATCH = "patch"
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ class HyperNetConfig:
                 out.append(f"{name} must be positive")
         if self.head not in (HEAD_POOLED, HEAD_AXIAL):
             out.append(f"head must be '{HEAD_POOLED}' or '{HEAD_AXIAL}', got {self.head!r}")
-        if self.response not in (RESPONSE_SOFTPLUS_TAU, RESPONSE_LOGIT):
-            out.append(f"response must be '{RESPONSE_SOFTPLUS_TAU}' or '{RESPONSE_LOGIT}'")
+        if self.response not in (RESPONSE_SOFTPLUS_TAU, RESPONSE_PATCH):
+            out.append(f"response must be '{RESPONSE_SOFTPLUS_TAU}' or '{RESPONSE_PATCH}'")
         if self.head == HEAD_POOLED:
             rows, cols = (math.ceil(s / self.patch_size) for s in self.head_shape)
             if rows > self.max_rows or cols > self.max_cols:
@@ -132,9 +134,9 @@ def axial_config_for(catalog_shapes: list[tuple[int, int]], *, num_depths: int, 
     rows = max(math.ceil(o / patch) for o, _ in catalog_shapes)
     cols = max(math.ceil(i / patch) for _, i in catalog_shapes)
     base = dict(stage=stage, head=HEAD_AXIAL, patch_size=patch, max_rows=rows, max_cols=cols,
-                num_depths=num_depths, num_types=num_types, response=RESPONSE_LOGIT, alpha_init=1.0)
+                num_depths=num_depths, num_types=num_types, response=RESPONSE_PATCH, alpha_init=1.0)
     if stage == 2:
-        base["cross_attn_idxs"] = sizes.pop("cross_attn_idxs", None) or _default_injection(
+        base["cross_attn_idxs"] = sizes.pop("cross_attn_idxs", None) or default_injection(
             int(sizes.get("n_blocks", 8)))
     base.update(sizes)
     if stage == 1:
@@ -142,7 +144,7 @@ def axial_config_for(catalog_shapes: list[tuple[int, int]], *, num_depths: int, 
     return HyperNetConfig(**base)
 
 
-def _default_injection(n_blocks: int) -> tuple[int, ...]:
+def default_injection(n_blocks: int) -> tuple[int, ...]:
     """The paper's best setting is after the 4th and 8th of 8 blocks; scale that to other depths."""
     if n_blocks == 1:
         return (0,)

@@ -23,14 +23,17 @@ def new_hypernet(catalog: TargetCatalog, condition: ConditionSpec, **sizes) -> L
 
 
 def randomise_lora_heads_(net: LoFAHypernet, seed: int = 0, std: float = 0.02) -> LoFAHypernet:
-    """Replace the zero-initialised B heads with noise, so an untrained network predicts a non-zero LoRA.
+    """Replace the zero-initialised output heads (B, and Stage-I's map head) with noise, so an untrained network
+    predicts a non-zero LoRA and a non-trivial response map.
 
     Only for demos and tests of the plumbing: a trained checkpoint never needs this.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for stage in (net.stage1, net.stage2):
-            if stage is not None:
-                stage.head_B.weight.copy_(std * torch.randn(stage.head_B.weight.shape, generator=gen))
-                stage.head_B.bias.copy_(std * torch.randn(stage.head_B.bias.shape, generator=gen))
+            for name in ("head_B", "head_map"):
+                head = getattr(stage, name, None) if stage is not None else None
+                if head is not None:
+                    head.weight.copy_(std * torch.randn(head.weight.shape, generator=gen))
+                    head.bias.copy_(std * torch.randn(head.bias.shape, generator=gen))
     return net

@@ -14,10 +14,19 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import HEAD_AXIAL, RESPONSE_LOGIT, HyperNetConfig
-from .layers import ConditionalBlock, CrossResidualBlock, Learnable2DPos, PatchEmbed, ZeroLinear, softplus_inverse
+from .config import HEAD_AXIAL, RESPONSE_PATCH, HyperNetConfig
+from .layers import (
+    ConditionalBlock,
+    Context,
+    CrossResidualBlock,
+    Learnable2DPos,
+    PatchEmbed,
+    ZeroLinear,
+    softplus_inverse,
+)
 
 COLUMN_RMS_EPS = 1e-6
+RATIO_EPS = 1e-8  # as in the ground truth's |dW| / (|W| + eps)
 
 
 def normalise_columns(w: torch.Tensor) -> torch.Tensor:
@@ -52,6 +61,11 @@ class _Trunk(nn.Module):
             ConditionalBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.n_blocks)
         )
         self.norm = nn.LayerNorm(d)
+        self.gradient_checkpointing = False
+
+    def _make_factor_heads(self) -> None:
+        """head_A / head_B: global (pooled) or row/column-block (axial) heads emitting A and B."""
+        cfg, d = self.cfg, self.cfg.d_model
         if cfg.head == HEAD_AXIAL:
             self.head_A = nn.Linear(d, cfg.patch_size * cfg.rank)
             self.head_B = ZeroLinear(d, cfg.patch_size * cfg.rank)
@@ -59,7 +73,6 @@ class _Trunk(nn.Module):
             out_f, in_f = cfg.head_shape
             self.head_A = nn.Linear(d, cfg.rank * in_f)
             self.head_B = ZeroLinear(d, out_f * cfg.rank)
-        self.gradient_checkpointing = False
 
     # -- inputs ------------------------------------------------------------------------------------------
     def encode_context(self, tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,6 +83,14 @@ class _Trunk(nn.Module):
                 raise ValueError("this hypernetwork needs a pooled condition vector")
             ctx = torch.cat([ctx, self.pooled_proj(pooled).unsqueeze(1)], dim=1)
         return ctx
+
+    def encode_collapsed(self, tokens: torch.Tensor, log_counts: torch.Tensor,
+                         pooled: torch.Tensor | None = None) -> Context:
+        """Like `encode_context` for tokens whose repeats were collapsed (see `conditioning.collapse_padding`)."""
+        values = self.encode_context(tokens, pooled)
+        if values.shape[1] > log_counts.shape[1]:  # the pooled token counts once
+            log_counts = F.pad(log_counts, (0, values.shape[1] - log_counts.shape[1]))
+        return Context(values, log_counts)
 
     def embed_weights(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor) -> torch.Tensor:
         """Base weights [B, out, in] -> tokens [B, (1+) rows*cols, d]."""
@@ -116,31 +137,48 @@ class _Trunk(nn.Module):
 
 
 class Stage1Net(_Trunk):
-    """Response-map predictor. Its final tokens are the Stage-I features Stage-II attends to."""
+    """Response-map predictor. Its final tokens are the Stage-I features Stage-II attends to.
+
+    Two response heads: the authors' (`softplus_tau`: low-rank factors B A, logits (softplus(B A) - tau) / T)
+    and this pack's (`patch`): logits = B A (row and column effects) + a dense term each weight token decodes
+    for its own p x p patch - g log|W| + b, since R = 1[|dW| > tau |W|] depends on |W| element by element.
+    """
 
     def __init__(self, cfg: HyperNetConfig) -> None:
         if cfg.stage != 1:
             raise ValueError("Stage1Net needs a stage=1 config")
         super().__init__(cfg)
-        self.response_bias = nn.Parameter(torch.zeros(1)) if cfg.response == RESPONSE_LOGIT else None
+        self._make_factor_heads()
+        if cfg.response == RESPONSE_PATCH:
+            self.head_map = nn.Linear(cfg.d_model, cfg.patch_size * cfg.patch_size)
+            nn.init.zeros_(self.head_map.weight)
+            nn.init.zeros_(self.head_map.bias)
+            self.response_gain = nn.Parameter(torch.ones(1))  # on -log|W|
+            self.response_bias = nn.Parameter(torch.zeros(1))
 
-    def forward_features(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor,
-                         ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (final tokens [B, N, d], response factor A [B, r, in], response factor B [B, out, r])."""
+    def forward_features(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor, ctx: torch.Tensor,
+                         logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (final tokens [B, N, d] (the Stage-I features), response logits [B, out, in] or None)."""
         tokens = self.run_blocks(self.embed_weights(w, depth, type_index), ctx)
-        a, b = self.lora_factors(tokens, w.shape[-2], w.shape[-1])
-        return tokens, a, b
+        return tokens, (self.response_logits(tokens, w) if logits else None)
 
-    def response_logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Response factors -> logits [B, out, in]; sigmoid(logit) > 0.5 marks |dW/W| > tau."""
-        s = torch.bmm(b, a)
-        if self.response_bias is not None:
-            return s + self.response_bias
-        return (F.softplus(s) - self.cfg.tau) / self.cfg.temperature
+    def response_logits(self, tokens: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Final tokens (and the base weights W) -> logits [B, out, in]; p > 0.5 marks |dW/W| > tau."""
+        cfg = self.cfg
+        out_f, in_f = w.shape[-2:]
+        if cfg.response != RESPONSE_PATCH:
+            a, b = self.lora_factors(tokens, out_f, in_f)
+            return (F.softplus(torch.bmm(b.float(), a.float())) - cfg.tau) / cfg.temperature
+        a, b = self.lora_factors(tokens, out_f, in_f)
+        rows, cols = cfg.grid(out_f, in_f)
+        patches = self.head_map(tokens[:, 1:] if self.cls_token is not None else tokens).float()
+        dense = rearrange(patches, "b (r c) (pr pc) -> b (r pr) (c pc)", r=rows, c=cols, pr=cfg.patch_size)
+        log_w = torch.log(w.abs().float() + RATIO_EPS)
+        low_rank = torch.bmm(b.float(), a.float())  # row and column effects (logit(mean map) is near this form)
+        return low_rank + dense[:, :out_f, :in_f] - self.response_gain * log_w + self.response_bias
 
     def forward(self, w, depth, type_index, ctx):
-        _, a, b = self.forward_features(w, depth, type_index, ctx)
-        return self.response_logits(a, b)
+        return self.forward_features(w, depth, type_index, ctx)[1]
 
 
 class Stage2Net(_Trunk):
@@ -150,6 +188,7 @@ class Stage2Net(_Trunk):
         if cfg.stage != 2:
             raise ValueError("Stage2Net needs a stage=2 config")
         super().__init__(cfg)
+        self._make_factor_heads()
         self.cross_attn_blocks = nn.ModuleDict(
             {str(i): CrossResidualBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm)
              for i in cfg.cross_attn_idxs}
@@ -184,6 +223,16 @@ class LoFAHypernet(nn.Module):
             check_stage_pair(stage1, stage2)
         self.stage1 = Stage1Net(stage1)
         self.stage2 = Stage2Net(stage2) if stage2 is not None else None
+
+    @classmethod
+    def from_stages(cls, stage1: Stage1Net, stage2: Stage2Net | None) -> LoFAHypernet:
+        """Wrap already built (e.g. freshly trained) stages without re-initialising anything."""
+        if stage2 is not None:
+            check_stage_pair(stage1.cfg, stage2.cfg)
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net.stage1, net.stage2 = stage1, stage2
+        return net
 
     def shape_problem(self, out_f: int, in_f: int) -> str | None:
         for net in (self.stage1, self.stage2):

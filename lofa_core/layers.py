@@ -8,6 +8,7 @@ the authors' repository.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,17 @@ class SelfAttention(nn.Module):
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
+class Context(NamedTuple):
+    """Projected condition tokens [Bc, L, d] with log-multiplicities [Bc, L] (log 0 = absent).
+
+    A token standing for k identical tokens gets log k added to its attention logits, which gives exactly the
+    softmax over the k copies: how the many identical zero-padding tokens of a WAN prompt are attended once.
+    """
+
+    values: torch.Tensor
+    log_counts: torch.Tensor | None = None
+
+
 class CrossAttention(nn.Module):
     """Queries from the weight tokens, keys/values from a context already projected to `dim`.
 
@@ -84,15 +96,17 @@ class CrossAttention(nn.Module):
         k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
         return self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        k, v = self.keys_values(context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | Context) -> torch.Tensor:
+        values, log_counts = (context.values, context.log_counts) if isinstance(context, Context) else (context, None)
+        k, v = self.keys_values(values)
         q = self.q_norm(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads))
-        contexts, batch = context.shape[0], x.shape[0]
+        contexts, batch = values.shape[0], x.shape[0]
         if batch % contexts:
             raise ValueError(f"{batch} query sequences cannot share {contexts} contexts evenly")
         group = batch // contexts
         q = rearrange(q, "(s g) h n d -> s h (g n) d", g=group)
-        out = F.scaled_dot_product_attention(q, k, v)
+        mask = None if log_counts is None else log_counts[:, None, None, :].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(rearrange(out, "s h (g n) d -> (s g) n (h d)", g=group))
 
 
@@ -115,7 +129,7 @@ class ConditionalBlock(nn.Module):
         self.mlp_ca = Mlp(dim, hidden)
         self.ls4 = LayerScale(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | Context | None) -> torch.Tensor:
         x = x + self.ls1(self.self_attn(self.norm1(x)))
         x = x + self.ls2(self.mlp_sa(self.norm2(x)))
         if context is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import LoFACheckpoint
-from .conditioning import Condition
+from .conditioning import Condition, collapse_padding
 from .errors import LoFAError, WeightError
 from .lora_formats import LoRAFactors, PredictedLoRA
 from .response import ResponseMaps, preview_map
@@ -56,17 +56,19 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
     factors: dict[str, LoRAFactors] = {}
     maps, actives, kept = [], [], []
     with torch.no_grad():  # not inference_mode: the LoRA tensors may feed autograd later (training nodes)
-        tokens = condition.tokens.unsqueeze(0).to(device=device, dtype=dtype)
+        tokens, log_counts = collapse_padding(condition.tokens)  # the zero padding becomes one weighted key
+        tokens = tokens.unsqueeze(0).to(device=device, dtype=dtype)
+        log_counts = log_counts.unsqueeze(0).to(device=device)
         pooled = condition.pooled.unsqueeze(0).to(device=device, dtype=dtype) if condition.pooled is not None else None
-        ctx1 = net.stage1.encode_context(tokens, pooled)
-        ctx2 = net.stage2.encode_context(tokens, pooled) if with_lora else None
+        ctx1 = net.stage1.encode_collapsed(tokens, log_counts, pooled)
+        ctx2 = net.stage2.encode_collapsed(tokens, log_counts, pooled) if with_lora else None
         for done, chunk in enumerate(chunks, start=1):
             w = torch.stack([_checked_weight(read_weight(t), t) for t in chunk]).to(device=device, dtype=dtype)
             depth = torch.tensor([t.depth for t in chunk], device=device)
             kind = torch.tensor([t.type_index for t in chunk], device=device)
-            feats, ra, rb = net.stage1.forward_features(w, depth, kind, ctx1)
+            feats, logits = net.stage1.forward_features(w, depth, kind, ctx1, logits=with_response)
             if with_response:
-                probs = torch.sigmoid(net.stage1.response_logits(ra.float(), rb.float()))
+                probs = torch.sigmoid(logits.float())
                 actives.extend((probs > 0.5).float().mean(dim=(1, 2)).tolist())
                 maps.extend(preview_map(probs).unbind(0))
                 kept.extend(chunk)

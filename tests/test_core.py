@@ -74,8 +74,8 @@ def test_one_network_handles_mixed_and_non_square_shapes():
     for out_f, in_f in MIXED:
         w = torch.randn(3, out_f, in_f)
         ids = torch.tensor([0, 1, 2])
-        tokens, ra, rb = net.stage1.forward_features(w, ids, ids % 2, ctx1)
-        assert net.stage1.response_logits(ra, rb).shape == (3, out_f, in_f)
+        tokens, logits = net.stage1.forward_features(w, ids, ids % 2, ctx1)
+        assert logits.shape == (3, out_f, in_f)
         a, b, alpha = net.stage2(w, ids, ids % 2, ctx2, tokens)
         assert a.shape == (3, 4, in_f) and b.shape == (3, out_f, 4) and alpha.shape == (3, 1)
         assert torch.all(b == 0), "zero-initialised B head: a fresh network predicts a zero LoRA"

@@ -150,9 +150,8 @@ def test_converted_model_matches_the_authors_forward(tmp_path):
     with torch.no_grad():
         feats, logits = ref.stage1_forward(s1, w, depth, kind, official_text, tau=0.03, temperature=0.2)
         a, b, alpha = ref.stage2_forward(s2, w, depth, kind, official_text, feats)
-        ours_feats, ra, rb = ckpt.net.stage1.forward_features(
+        ours_feats, ours_logits = ckpt.net.stage1.forward_features(
             w, depth, kind, ckpt.net.stage1.encode_context(cond.tokens[None]))
-        ours_logits = ckpt.net.stage1.response_logits(ra, rb)
         ours_a, ours_b, ours_alpha = ckpt.net.stage2(w, depth, kind, ckpt.net.stage2.encode_context(
             cond.tokens[None]), ours_feats)
     assert rel_err(ours_feats, feats) < 1e-5 and rel_err(ours_logits, logits) < 1e-5

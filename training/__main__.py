@@ -1,0 +1,128 @@
+"""`python -m training <command>`: build datasets, train both stages, evaluate, export.
+
+    python -m training build-loras --config build.yaml     # one LoRA per task group (the paper's data prep)
+    python -m training encode --dataset DIR --text-encoder DIR [--family sdxl]
+    python -m training validate --dataset DIR --base-model FILE
+    python -m training stage1 --config stage1.yaml [--resume [CHECKPOINT]] [--set key=value ...]
+    python -m training stage2 --config stage2.yaml [--resume [CHECKPOINT]] [--set key=value ...]
+    python -m training export --stage1 RUN_OR_FILE --stage2 RUN --out lofa.safetensors
+    python -m training suite --workdir DIR [--family wan|sdxl]   # the tiny synthetic end-to-end suite
+
+Multi-GPU / multi-node: `accelerate launch --multi_gpu --num_processes N -m training stage1 --config ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .config import BuildConfig, EncodeConfig, Stage1Config, Stage2Config, load_config
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from the run's latest checkpoint (or the given checkpoint folder)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build-loras", help="train one LoRA per task group into a LoFA dataset")
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", default=[])
+    p = sub.add_parser("encode", help="cache prompt embeddings of a dataset")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--text-encoder", required=True)
+    p.add_argument("--family", default="wan2.1-t2v", choices=["wan2.1-t2v", "sdxl"])
+    p = sub.add_parser("validate", help="check a dataset against a base model and list every problem")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--base-model", required=True)
+    p.add_argument("--latents", action="store_true", help="also require latents (Stage-II diffusion loss)")
+    _add_run_args(sub.add_parser("stage1", help="train Stage-I (response maps)"))
+    _add_run_args(sub.add_parser("stage2", help="train Stage-II (LoRA prediction)"))
+    p = sub.add_parser("export", help="write a LoFA checkpoint from Stage-I/Stage-II runs")
+    p.add_argument("--stage1", required=True)
+    p.add_argument("--stage2", help="a Stage-II run folder (omit for a Stage-I-only checkpoint)")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("suite", help="the tiny synthetic task suite, end to end")
+    p.add_argument("--workdir", default="runs/suite")
+    p.add_argument("--family", default="wan", choices=["wan", "sdxl"])
+    p.add_argument("--base-model", help="SDXL only: the tiny SDXL file to train on")
+    p.add_argument("--text-encoder", help="SDXL only: folder with clip_l/ and clip_g/")
+    p.add_argument("--set", action="append", default=[], help="override suite settings, e.g. stage1.steps=100")
+    args = parser.parse_args(argv)
+
+    if args.command == "build-loras":
+        from .lora_builder import build_loras
+
+        print(build_loras(load_config(BuildConfig, args.config, args.set)))
+    elif args.command == "encode":
+        from .conditions import encode_dataset, load_text_encoder
+
+        cfg = EncodeConfig(dataset=args.dataset, text_encoder=args.text_encoder, family=args.family)
+        changed = encode_dataset(cfg.dataset, load_text_encoder(cfg.text_encoder, cfg.family))
+        print(f"encoded; {changed} sample(s) got a new embedding")
+    elif args.command == "validate":
+        return _validate(args)
+    elif args.command == "stage1":
+        from .runs import run_stage1
+
+        print(run_stage1(load_config(Stage1Config, args.config, args.set), args.resume))
+    elif args.command == "stage2":
+        from .runs import run_stage2
+
+        print(run_stage2(load_config(Stage2Config, args.config, args.set), args.resume))
+    elif args.command == "export":
+        return _export(args)
+    elif args.command == "suite":
+        from .suite import run_suite
+
+        report = run_suite(Path(args.workdir), args.family, args.base_model, args.text_encoder, args.set)
+        print(json.dumps(report, indent=1))
+    return 0
+
+
+def _validate(args) -> int:
+    from .dataset import DatasetError
+    from .runs import base_catalog, latent_channels
+
+    catalog, shapes = base_catalog(args.base_model, ("attn",))
+    from lofa_core.conditioning import DEFAULT_FOR_FAMILY
+
+    from .dataset import check_dataset
+
+    try:
+        samples = check_dataset(args.dataset, catalog, DEFAULT_FOR_FAMILY[catalog.family], need_latents=args.latents,
+                                latent_channels=latent_channels(shapes, catalog.family))
+    except DatasetError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"{len(samples)} samples OK for {catalog.describe()}")
+    return 0
+
+
+def _export(args) -> int:
+    from .runs import STAGE2_EXPORT, stage1_checkpoint
+
+    if args.stage2:
+        source = Path(args.stage2) / STAGE2_EXPORT
+    else:
+        first = stage1_checkpoint(args.stage1)
+        source = Path(args.stage1) / "lofa_stage1.safetensors" if Path(args.stage1).is_dir() else Path(args.stage1)
+        del first
+    if Path(args.out).exists():
+        print(f"{args.out} exists; choose another name", file=sys.stderr)
+        return 1
+    shutil.copyfile(source, args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Frozen base models for training: the files ComfyUI users have, run through diffusers' implementations.
+
+A base model file is a `.safetensors` of the diffusion model in ComfyUI/original key layout (WAN 2.1 as released
+by Wan-AI or repackaged by ComfyUI; an SDXL checkpoint or UNet). diffusers' own converters map it to
+`WanTransformer3DModel` / `UNet2DConditionModel`; `module_of` maps each LoFA target (ComfyUI names) to the
+diffusers Linear that computes it. Each family brings its diffusion objective: flow matching for WAN,
+epsilon prediction on the DDPM schedule for SDXL.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lofa_core.families.wan import comfy_to_diffusers_key
+from lofa_core.targets import TargetCatalog, build_catalog, strip_model_prefix
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+class BaseModel:
+    """A frozen diffusion model with LoFA's view of it (catalog, target modules, objective)."""
+
+    family: str
+    catalog: TargetCatalog
+    model: nn.Module
+    modules: dict[str, nn.Linear]  # ComfyUI module path -> the diffusers Linear
+
+    def weight(self, path: str) -> torch.Tensor:
+        return self.modules[path].weight.detach()
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> BaseModel:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def diffusion_loss(self, latents: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None,
+                       generator: torch.Generator, reduce: bool = True) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A base model file's tensors with ComfyUI container prefixes removed (`model.diffusion_model.`)."""
+    sd = load_file(str(path))
+    if any(k.startswith("model.diffusion_model.") for k in sd):  # a full checkpoint: keep the diffusion model
+        sd = {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    return {strip_model_prefix(k): v for k, v in sd.items()}
+
+
+def load_base_model(path: str | Path, groups: Sequence[str] = ("attn",)) -> BaseModel:
+    """Detect the family of a base model file and load it frozen, float32, on the CPU."""
+    sd = load_state_dict(path)
+    catalog = build_catalog({k: tuple(v.shape) for k, v in sd.items()}, groups)
+    if catalog.family == "wan2.1-t2v":
+        return WanBase(sd, catalog)
+    return SdxlBase(sd, catalog)
+
+
+# ---------------------------------------------------------------------------------------------- WAN 2.1
+def wan_config(sd: Mapping[str, torch.Tensor]) -> dict:
+    """diffusers WanTransformer3DModel arguments read off a ComfyUI/original WAN state dict."""
+    dim = sd["head.modulation"].shape[-1]
+    heads = max(1, dim // 128)  # WAN's head width is 128 (ComfyUI detects it the same way)
+    return dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim // heads,
+                in_channels=sd["patch_embedding.weight"].shape[1], out_channels=sd["head.head.weight"].shape[0] // 4,
+                text_dim=sd["text_embedding.0.weight"].shape[1], freq_dim=sd["time_embedding.0.weight"].shape[1],
+                ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0],
+                num_layers=1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k))),
+                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+
+
+class WanBase(BaseModel):
+    family = "wan2.1-t2v"
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], catalog: TargetCatalog, shift: float = 5.0) -> None:
+        from diffusers import WanTransformer3DModel
+        from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+        model = WanTransformer3DModel(**wan_config(sd))  # not on "meta": its rotary tables are built at init
+        model.load_state_dict(convert_wan_transformer_to_diffusers(dict(sd)), strict=True)
+        self.model = _frozen(model.float())
+        self.catalog = catalog
+        self.shift = shift
+        self.modules = {t.path: self.model.get_submodule(comfy_to_diffusers_key(t.path + ".weight")[:-7])
+                        for t in catalog.targets}
+
+    def diffusion_loss(self, latents, tokens, pooled, generator, reduce=True):
+        """Rectified-flow (flow matching) loss: x_t = (1 - s) x0 + s eps, target eps - x0, shifted s as WAN."""
+        x0 = latents.to(self.device, torch.float32)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        s = torch.rand(x0.shape[0], generator=generator).to(x0.device)
+        s = self.shift * s / (1 + (self.shift - 1) * s)
+        view = s.view(-1, *([1] * (x0.dim() - 1)))
+        noisy = (1 - view) * x0 + view * eps
+        pred = self.model(hidden_states=noisy, timestep=s * 1000, encoder_hidden_states=tokens.to(x0.device),
+                          return_dict=False)[0]
+        loss = (pred.float() - (eps - x0)).pow(2).flatten(1).mean(1)
+        return loss.mean() if reduce else loss
+
+
+# ------------------------------------------------------------------------------------------------- SDXL
+def sdxl_unet_config(sd: Mapping[str, torch.Tensor]) -> dict:
+    """diffusers UNet2DConditionModel arguments read off a ComfyUI (ldm/sgm) SDXL UNet state dict."""
+    channels = sd["input_blocks.0.0.weight"].shape[0]
+    downsamples = sorted(int(k.split(".")[1]) for k in sd if re.match(r"^input_blocks\.\d+\.0\.op\.weight$", k))
+    n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    levels, current = [], []
+    for i in range(1, n_input):
+        if i in downsamples:
+            levels.append(current)
+            current = []
+        else:
+            current.append(i)
+    levels.append(current)
+    mult, depth = [], []
+    for blocks in levels:
+        mult.append(sd[f"input_blocks.{blocks[0]}.0.out_layers.3.weight"].shape[0] // channels)
+        depth.append(sum(1 for k in sd if re.match(rf"^input_blocks\.{blocks[0]}\.1\.transformer_blocks\.\d+"
+                                                       r"\.attn1\.to_q\.weight$", k)))
+    widths = [channels * m for m in mult]
+    head_width = 64
+    return dict(
+        sample_size=128, in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth),
+        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)),
+        block_out_channels=tuple(widths), layers_per_block=len(levels[0]),
+        transformer_layers_per_block=tuple(max(1, d) for d in depth),
+        attention_head_dim=tuple(max(1, w // head_width) for w in widths),
+        cross_attention_dim=next(v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=sd["label_emb.0.0.weight"].shape[1], norm_num_groups=32,
+    )
+
+
+class SdxlBase(BaseModel):
+    family = "sdxl"
+    TIME_IDS = (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0)  # original size, crop, target size (SDXL defaults)
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], catalog: TargetCatalog) -> None:
+        from diffusers import UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+        config = sdxl_unet_config(sd)
+        prefixed = {"model.diffusion_model." + k: v for k, v in sd.items()}
+        converted = convert_ldm_unet_checkpoint(prefixed, config)
+        by_tensor = {id(v): k for k, v in sd.items()}
+        diffusers_path = {by_tensor[id(v)][:-len(".weight")]: k[:-len(".weight")]
+                          for k, v in converted.items() if k.endswith(".weight") and id(v) in by_tensor}
+        model = UNet2DConditionModel(**config)
+        model.load_state_dict(converted, strict=True)
+        self.model = _frozen(model.float())
+        self.catalog = catalog
+        self.modules = {t.path: self.model.get_submodule(diffusers_path[t.path]) for t in catalog.targets}
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+
+    def diffusion_loss(self, latents, tokens, pooled, generator, reduce=True):
+        """Epsilon-prediction loss on SDXL's scaled-linear DDPM schedule."""
+        x0 = latents.to(self.device, torch.float32)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        t = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
+        abar = self.alphas_cumprod[t].to(x0.device).view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        time_ids = torch.tensor(self.TIME_IDS, device=x0.device).expand(x0.shape[0], -1)
+        pred = self.model(noisy, t.to(x0.device), encoder_hidden_states=tokens.to(x0.device),
+                          added_cond_kwargs={"text_embeds": pooled.to(x0.device), "time_ids": time_ids},
+                          return_dict=False)[0]
+        loss = (pred.float() - eps).pow(2).flatten(1).mean(1)
+        return loss.mean() if reduce else loss
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())
+
+
+def load_target_weights(path: str | Path, catalog: TargetCatalog) -> dict[str, torch.Tensor]:
+    """Only the target matrices of a base model file (float32), without building the model."""
+    from safetensors import safe_open
+
+    wanted = {t.path: t for t in catalog.targets}
+    out = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for key in fh.keys():
+            rel = strip_model_prefix(key)
+            if rel.endswith(".weight") and rel[: -len(".weight")] in wanted:
+                out[rel[: -len(".weight")]] = fh.get_tensor(key).float()
+    missing = [p for p in wanted if p not in out]
+    if missing:
+        raise KeyError(f"{Path(path).name} lacks target weights {missing[:3]}")
+    return out

@@ -1,0 +1,159 @@
+"""Training configurations: one file per command (YAML or JSON), every field with a documented default.
+
+Command line overrides use dotted paths: `--set steps=200 --set hypernet.d_model=64`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class HypernetSizes:
+    """Size of a new hypernetwork (ignored when Stage-II starts from a Stage-I run, which fixes the trunk)."""
+
+    d_model: int = 768
+    n_heads: int = 12
+    n_blocks: int = 8
+    patch_size: int = 96
+    rank: int = 32
+    mlp_ratio: float = 4.0
+    cross_attn_idxs: list[int] | None = None  # Stage-II injection blocks; default: after the middle and last
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    schedule: str = "constant"  # after warm-up: "constant" (the paper's) or "cosine" (decays to 0 at the last step)
+
+
+@dataclass
+class RunConfig:
+    """What every trainer shares."""
+
+    dataset: str = ""  # dataset folder (metadata.json[l], LoRA files, condition cache)
+    base_model: str = ""  # the base model's diffusion weights, ComfyUI/original layout (.safetensors)
+    out: str = ""  # run folder: checkpoints, metrics.jsonl, loss.png, the exported LoFA checkpoint
+    steps: int = 4000
+    batch_size: int = 4  # LoRA samples per optimiser step and process
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast; master weights stay float32)
+    gradient_checkpointing: bool = False
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 500
+    log_every: int = 10
+    tau: float = 0.02
+    target_groups: list[str] = field(default_factory=lambda: ["attn"])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    hypernet: HypernetSizes = field(default_factory=HypernetSizes)
+
+
+@dataclass
+class Stage1Config(RunConfig):
+    layers_per_sample: int = 10  # target matrices drawn (without replacement) from each LoRA per step
+    l2_penalty: float = 1e-4  # on the response factors, as the authors
+    response: str = "patch"  # "patch" (this pack's) or "softplus_tau" (the authors' bounded form)
+
+
+@dataclass
+class Stage2Config(RunConfig):
+    stage1: str = ""  # a Stage-I run folder (or its exported checkpoint)
+    init_from_stage1: bool = True  # paper: Stage-II's trunk starts as Stage-I's
+    lambda_recon: float = 5.0  # L1 between predicted and ground-truth dW (alpha included)
+    lambda_diff: float = 1.0  # diffusion loss with the predicted LoRA injected into the frozen base model
+    lambda_wp: float = 0.0  # DiffLoRA's weight-preserving L1, mean(|dW| * |dW - dW_hat|)
+    recon_normalize: bool = False  # divide the L1 by mean |dW_gt| per matrix (scale-free lambda)
+    cache_stage1_features: bool = False  # keep Stage-I features per sample in memory instead of recomputing
+    alpha_init: float = 1.0
+    flow_shift: float = 5.0  # WAN timestep shift for the diffusion loss
+
+
+@dataclass
+class BuildConfig:
+    """The paper's data preparation: one LoRA per task group, trained with the base model's own objective."""
+
+    tasks: str = ""  # tasks.json[l]: [{"group", "prompt", "latents", "split"}]
+    base_model: str = ""
+    text_encoder: str = ""  # local folder(s) of the base model's text encoder (see training.conditions)
+    out: str = ""  # dataset folder to write
+    rank: int = 32
+    steps: int = 1000
+    lr: float = 1e-4
+    batch_size: int = 4
+    init_seed: int = 0  # the same LoRA initialisation for every group
+    init: str = "kaiming"  # A's start: "kaiming" (peft's) or "principal" (W's top right-singular vectors)
+    seed: int = 0
+    groups_per_batch: int = 1  # LoRAs trained together in one batch (exact; faster for small models)
+    target_groups: list[str] = field(default_factory=lambda: ["attn"])
+    flow_shift: float = 5.0
+    mixed_precision: str = "no"
+
+
+@dataclass
+class EncodeConfig:
+    dataset: str = ""
+    text_encoder: str = ""  # umT5 folder (WAN) or a folder with clip_l/ and clip_g/ (SDXL)
+    family: str = "wan2.1-t2v"
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str] | None = None):
+    """Build `cls` from a YAML/JSON file and `key=value` overrides; unknown keys are errors."""
+    data: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set needs key=value, got {item!r}")
+        _assign(data, key.split("."), _parse_value(value))
+    return _build(cls, data, path or "<defaults>")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _assign(data: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+    data[keys[-1]] = value
+
+
+def _build(cls: type, data: dict, source) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SystemExit(f"{source}: unknown {cls.__name__} setting(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _build(hint, value, source)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

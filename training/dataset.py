@@ -1,0 +1,263 @@
+"""LoFA training data: a folder with `metadata.jsonl` (or `metadata.json`), LoRA files and cached conditions.
+
+One record per LoRA sample:
+
+    {"id": "jump_01", "lora": "loras/jump_01.safetensors",
+     "condition": {"kind": "text", "prompt": "a man jumps ...", "embedding": "conditions/jump_01.safetensors"},
+     "group": "jump", "split": "train", "latents": "latents/jump.safetensors"}
+
+`condition.kind` is "text" today; image and pose conditions will add their own fields (`image`, `frames`).
+`embedding` is written by `python -m training encode`. `latents` (needed by the Stage-II diffusion loss)
+holds a tensor "latents" [N, C, ...]. The authors' layout is read too: `file_name` (LoRA) and `input_emb` (a
+weights-only `.pth` with `prompt_emb` and optional `latents`). LoRA files may use any common naming and rank.
+`validate` lists every problem of every sample at once, before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lofa_core.conditioning import Condition, ConditionSpec, prepare_condition
+from lofa_core.errors import LoFAError
+from lofa_core.fileio import load_torch_weights_only
+from lofa_core.lora_formats import LoRAFactors, read_lora_state_dict
+from lofa_core.targets import TargetCatalog
+
+SPLITS = ("train", "val", "test")
+CONDITION_KINDS = ("text",)
+
+
+class DatasetError(LoFAError):
+    """The dataset folder has problems; the message lists all of them."""
+
+
+@dataclass
+class Sample:
+    id: str
+    lora: Path | None
+    condition: dict
+    group: str | None
+    split: str
+    latents: Path | None
+    line: int
+    embedding: Path | None = None  # cached condition tokens (resolved `condition.embedding`)
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"sample '{self.id}' (record {self.line}{', group ' + self.group if self.group else ''})"
+
+
+def metadata_path(folder: str | Path) -> Path:
+    folder = Path(folder)
+    for name in ("metadata.jsonl", "metadata.json"):
+        if (folder / name).exists():
+            return folder / name
+    raise DatasetError(f"{folder} has no metadata.jsonl or metadata.json; see training/dataset.py for the format.")
+
+
+def read_records(folder: str | Path) -> list[dict]:
+    path = metadata_path(folder)
+    text = path.read_text()
+    if path.suffix == ".json":
+        records = json.loads(text)
+        if not isinstance(records, list):
+            raise DatasetError(f"{path} must hold a JSON list of sample records.")
+        return records
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_samples(folder: str | Path) -> list[Sample]:
+    folder = Path(folder)
+    samples = []
+    for line, rec in enumerate(read_records(folder), start=1):
+        lora = rec.get("lora", rec.get("file_name"))
+        condition = dict(rec.get("condition") or {})
+        if "input_emb" in rec and "embedding" not in condition:  # the authors' layout
+            condition = {"kind": "text", "embedding": rec["input_emb"], **condition}
+        condition.setdefault("kind", "text")
+        latents = rec.get("latents") or (rec.get("input_emb") if "input_emb" in rec else None)
+        sample_id = str(rec.get("id") or (Path(lora).stem if lora else f"record_{line}"))
+        embedding = condition.get("embedding")
+        samples.append(Sample(
+            id=sample_id, lora=folder / lora if lora else None, condition=condition, group=rec.get("group"),
+            split=str(rec.get("split", "train")), latents=folder / latents if latents else None, line=line,
+            embedding=folder / embedding if embedding else None,
+            extra={k: v for k, v in rec.items() if k not in ("id", "lora", "file_name", "condition", "group",
+                                                               "split", "latents", "input_emb")}))
+    return samples
+
+
+def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    obj = load_torch_weights_only(path)
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path.name} does not hold a state dict")
+    return obj
+
+
+def load_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens [n, D], pooled [P] or None) from our cache file or the authors' `*.tensors.pth`."""
+    if path.suffix == ".safetensors":
+        data = load_file(str(path))
+        return data["tokens"], data.get("pooled")
+    data = load_torch_weights_only(path)
+    tokens = data["prompt_emb"] if isinstance(data, dict) else data
+    return (tokens[0] if tokens.dim() == 3 else tokens), None
+
+
+def load_latents(path: Path) -> torch.Tensor:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))["latents"]
+    data = load_torch_weights_only(path)
+    latents = data["latents"] if isinstance(data, dict) else data
+    return latents
+
+
+def validate(samples: Sequence[Sample], catalog: TargetCatalog, spec: ConditionSpec, *, need_latents: bool = False,
+             latent_channels: int | None = None) -> list[str]:
+    """Every problem of every sample, as sentences; empty when the dataset is usable."""
+    problems = []
+    seen: dict[str, int] = {}
+    paths = catalog.by_path()
+    for s in samples:
+        where = s.describe()
+        if s.id in seen:
+            problems.append(f"{where}: the id is also used by record {seen[s.id]}")
+        seen[s.id] = s.line
+        if s.split not in SPLITS:
+            problems.append(f"{where}: split {s.split!r} is not one of {SPLITS}")
+        problems.extend(f"{where}: {p}" for p in _lora_problems(s, paths))
+        problems.extend(f"{where}: {p}" for p in _condition_problems(s, spec))
+        if need_latents:
+            problems.extend(f"{where}: {p}" for p in _latent_problems(s, latent_channels))
+    return problems
+
+
+def _lora_problems(s: Sample, targets: dict) -> list[str]:
+    if s.lora is None:
+        return ["no LoRA file is given (key 'lora')"]
+    if not s.lora.exists():
+        return [f"LoRA file {s.lora} is missing"]
+    try:
+        factors, _ = read_lora_state_dict(load_lora_file(s.lora), targets, source=s.lora.name)
+    except (LoFAError, SafetensorError, OSError, RuntimeError, KeyError) as err:
+        return [f"LoRA file {s.lora.name} cannot be read ({err})"]
+    missing = [p for p in targets if p not in factors]
+    if missing:
+        return [f"LoRA file {s.lora.name} has no LoRA for {len(missing)} of the {len(targets)} target layers "
+                f"(e.g. {missing[:2]}); its names do not match the base model, or it covers other layers"]
+    out = []
+    for path, f in factors.items():
+        t = targets[path]
+        if f.up.shape[0] != t.out_features or f.down.shape[1] != t.in_features:
+            out.append(f"LoRA for {path} is {f.up.shape[0]}x{f.down.shape[1]}, the base model's layer is "
+                       f"{t.out_features}x{t.in_features}")
+            break
+        if not (torch.isfinite(f.up).all() and torch.isfinite(f.down).all()):
+            out.append(f"LoRA for {path} contains NaN or Inf")
+            break
+    return out
+
+
+def _condition_problems(s: Sample, spec: ConditionSpec) -> list[str]:
+    kind = s.condition.get("kind")
+    if kind not in CONDITION_KINDS or kind != spec.kind:
+        return [f"condition kind {kind!r} is not supported here (expected {spec.kind!r})"]
+    if s.embedding is None:
+        if s.condition.get("prompt"):
+            return ["the prompt has no cached embedding: run `python -m training encode` first"]
+        return ["the condition has neither a prompt nor an embedding"]
+    if not s.embedding.exists():
+        return [f"condition embedding {s.embedding.name} is missing (run `python -m training encode`)"]
+    try:
+        tokens, pooled = load_embedding(s.embedding)
+        prepare_condition(tokens, pooled, spec)
+    except (LoFAError, SafetensorError, OSError, KeyError, RuntimeError) as err:
+        return [f"condition embedding {s.embedding.name} is unusable: {err}"]
+    return []
+
+
+def _latent_problems(s: Sample, channels: int | None) -> list[str]:
+    if s.latents is None:
+        return ["no latents are given (key 'latents'), but the Stage-II diffusion loss needs them"]
+    if not s.latents.exists():
+        return [f"latents file {s.latents} is missing"]
+    try:
+        latents = load_latents(s.latents)
+    except (SafetensorError, OSError, KeyError, RuntimeError) as err:
+        return [f"latents file {s.latents.name} cannot be read ({err})"]
+    if latents.dim() < 4 or (channels is not None and latents.shape[1] != channels):
+        return [f"latents {list(latents.shape)} are not [N, {channels or 'C'}, ...] latents of the base model"]
+    return []
+
+
+class SampleStore:
+    """Lazily loaded LoRA factors, conditions and latents per sample (with a small cache of LoRAs)."""
+
+    def __init__(self, folder: str | Path, samples: Sequence[Sample], catalog: TargetCatalog,
+                 spec: ConditionSpec, cache_size: int = 64) -> None:
+        self.folder = Path(folder)
+        self.samples = list(samples)
+        self.by_id = {s.id: s for s in self.samples}
+        self.catalog = catalog
+        self.targets = catalog.by_path()
+        self.spec = spec
+        self._loras: OrderedDict[str, dict[str, LoRAFactors]] = OrderedDict()
+        self._conditions: dict[str, Condition] = {}
+        self._latents: dict[str, torch.Tensor] = {}
+        self.cache_size = cache_size
+
+    def split(self, *names: str) -> list[Sample]:
+        return [s for s in self.samples if s.split in names]
+
+    def factors(self, sample: Sample) -> dict[str, LoRAFactors]:
+        if sample.id in self._loras:
+            self._loras.move_to_end(sample.id)
+            return self._loras[sample.id]
+        factors, _ = read_lora_state_dict(load_lora_file(sample.lora), self.targets, source=sample.lora.name)
+        factors = {p: LoRAFactors(f.up.float(), f.down.float(), f.scale) for p, f in factors.items()}
+        self._loras[sample.id] = factors
+        if len(self._loras) > self.cache_size:
+            self._loras.popitem(last=False)
+        return factors
+
+    def delta(self, sample: Sample, path: str) -> torch.Tensor:
+        return self.factors(sample)[path].delta()
+
+    def condition(self, sample: Sample) -> Condition:
+        if sample.id not in self._conditions:
+            tokens, pooled = load_embedding(sample.embedding)
+            self._conditions[sample.id] = prepare_condition(tokens, pooled, self.spec)
+        return self._conditions[sample.id]
+
+    def latents(self, sample: Sample) -> torch.Tensor:
+        if sample.id not in self._latents:
+            self._latents[sample.id] = load_latents(sample.latents).float()
+        return self._latents[sample.id]
+
+
+def check_dataset(folder: str | Path, catalog: TargetCatalog, spec: ConditionSpec, *, need_latents: bool = False,
+                  latent_channels: int | None = None) -> list[Sample]:
+    """Read and validate; raise one DatasetError naming every bad sample."""
+    samples = read_samples(folder)
+    problems = validate(samples, catalog, spec, need_latents=need_latents, latent_channels=latent_channels)
+    if problems:
+        listing = "\n  - ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50
+                                                  else "")
+        raise DatasetError(f"{len(problems)} problem(s) in {folder}:\n  - {listing}")
+    if not any(s.split == "train" for s in samples):
+        raise DatasetError(f"{folder} has no sample with split 'train'.")
+    return samples
+
+
+def groups_of(samples: Iterable[Sample]) -> list[str]:
+    return sorted({s.group or s.id for s in samples})

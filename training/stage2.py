@@ -1,0 +1,123 @@
+"""Stage-II: predict B, A and alpha for every target, guided by the frozen Stage-I's final tokens.
+
+loss = lambda_recon * L1(alpha * B @ A, dW_gt) + lambda_diff * diffusion loss of the frozen base model with the
+predicted LoRAs injected (per sample, differentiably) [+ lambda_wp * DiffLoRA's weight-preserving L1].
+Unlike the authors' code, alpha is part of what the reconstruction term sees (their spec B4), so the LoRA
+scale is learned from the ground truth as well as from the diffusion loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lofa_core.config import default_injection
+from lofa_core.hypernet import Stage1Net, Stage2Net
+
+from .base_models import BaseModel
+from .batches import Prompts, ShapeGroup, batch_prompts, contexts_for, make_groups
+from .config import Stage2Config
+from .dataset import SampleStore
+from .injection import inject
+
+HEADS = ("head_A.", "head_B.", "head_map.", "response_gain", "response_bias")
+
+
+class Frozen:
+    """Models the objective uses but never trains (kept out of the module tree: no DDP sync, no saving)."""
+
+    def __init__(self, stage1: Stage1Net, base: BaseModel) -> None:
+        self.stage1 = stage1.eval().requires_grad_(False)
+        self.base = base
+        self.features: dict[tuple[str, str], torch.Tensor] = {}
+
+
+class Stage2Objective(nn.Module):
+    def __init__(self, net: Stage2Net, frozen: Frozen, cfg: Stage2Config) -> None:
+        super().__init__()
+        self.net = net
+        self.frozen = frozen
+        self.cfg = cfg
+
+    def forward(self, groups: list[ShapeGroup], prompts: Prompts, latents: torch.Tensor,
+                gen: torch.Generator) -> dict:
+        cfg = self.cfg
+        ctx = prompts.encode(self.net)
+        samples = prompts.full.shape[0]
+        factors: dict[str, list] = {}
+        recon, wp, matrices = 0.0, 0.0, 0
+        for g in groups:
+            a, b, alpha = self.net(g.w, g.depth, g.kind, contexts_for(ctx, g.sample), g.extra["features"])
+            pred = alpha.float().unsqueeze(-1) * torch.bmm(b.float(), a.float())
+            gt = g.extra["delta"]
+            err = (pred - gt).abs()
+            per_matrix = err.mean(dim=(1, 2))
+            if cfg.recon_normalize:
+                per_matrix = per_matrix / gt.abs().mean(dim=(1, 2)).clamp_min(1e-12)
+            recon = recon + per_matrix.sum()
+            wp = wp + (gt.abs() * err).mean(dim=(1, 2)).sum()
+            matrices += len(g.targets)
+            for m, t in enumerate(g.targets):
+                factors.setdefault(t.path, [None] * samples)[int(g.sample[m])] = (a[m], b[m], alpha[m])
+        recon, wp = recon / matrices, wp / matrices
+        losses = {"recon": recon}
+        total = cfg.lambda_recon * recon
+        if cfg.lambda_wp:
+            losses["wp"] = wp
+            total = total + cfg.lambda_wp * wp
+        if cfg.lambda_diff:
+            stacked = {p: tuple(torch.stack(parts) for parts in zip(*per_sample)) for p, per_sample in factors.items()}
+            with inject(self.frozen.base.modules, stacked):
+                diff = self.frozen.base.diffusion_loss(latents, prompts.full, prompts.pooled, gen)
+            losses["diffusion"] = diff
+            total = total + cfg.lambda_diff * diff
+        losses["loss"] = total
+        return losses
+
+
+def build_stage2(cfg: Stage2Config, stage1: Stage1Net) -> Stage2Net:
+    """Stage-II shaped like the Stage-I it reads; its trunk starts as Stage-I's unless disabled."""
+    s1 = stage1.cfg
+    injection = tuple(cfg.hypernet.cross_attn_idxs or default_injection(s1.n_blocks))
+    net = Stage2Net(s1.replace(stage=2, cross_attn_idxs=injection, alpha_init=cfg.alpha_init))
+    if cfg.init_from_stage1:
+        trunk = {k: v for k, v in stage1.state_dict().items() if not k.startswith(HEADS)}
+        missing, unexpected = net.load_state_dict(trunk, strict=False)
+        assert not unexpected, unexpected
+    net.gradient_checkpointing = cfg.gradient_checkpointing
+    return net
+
+
+def stage2_batch(store: SampleStore, train: list, weights: dict[str, torch.Tensor], frozen: Frozen,
+                 cfg: Stage2Config, gen: torch.Generator, device: torch.device):
+    """All targets of `batch_size` training LoRAs, their Stage-I features, one latent per sample."""
+    targets = store.catalog.targets
+    chosen = [train[int(i)] for i in torch.randint(len(train), (cfg.batch_size,), generator=gen)]
+    items, deltas = [], []
+    for si, sample in enumerate(chosen):
+        for t in targets:
+            items.append((si, t))
+            deltas.append(store.delta(sample, t.path))
+    prompts = batch_prompts([store.condition(s) for s in chosen], device)
+    groups = make_groups(items, weights, device, {"delta": deltas})
+    with torch.no_grad():
+        ctx1 = prompts.encode(frozen.stage1)
+        for g in groups:
+            g.extra["features"] = stage1_features(frozen, g, ctx1, [chosen[int(s)] for s in g.sample], cfg)
+    latents = []
+    for sample in chosen:
+        pool = store.latents(sample)
+        latents.append(pool[int(torch.randint(len(pool), (1,), generator=gen))])
+    return groups, prompts, torch.stack(latents).to(device)
+
+
+def stage1_features(frozen: Frozen, g: ShapeGroup, ctx1, samples: list, cfg: Stage2Config):
+    """Frozen Stage-I final tokens for a group, optionally memoised per (sample, target) on the CPU."""
+    keys = [(s.id, t.path) for s, t in zip(samples, g.targets)]
+    if cfg.cache_stage1_features and all(k in frozen.features for k in keys):
+        return torch.stack([frozen.features[k] for k in keys]).to(g.w.device)
+    feats = frozen.stage1.forward_features(g.w, g.depth, g.kind, contexts_for(ctx1, g.sample), logits=False)[0]
+    if cfg.cache_stage1_features:
+        for k, f in zip(keys, feats):
+            frozen.features[k] = f.cpu()
+    return feats

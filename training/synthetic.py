@@ -1,0 +1,141 @@
+"""A tiny synthetic task suite that exercises the real training pipeline in minutes on a CPU.
+
+Task groups differ in a way their prompt describes: procedurally generated latents whose pattern (stripes,
+columns, checks, rings, diagonals), palette (which channels carry it, how strongly) and motion or intensity
+depend on words in the prompt. A few word combinations are held out (every word is still seen in training), so held-out
+predictions test whether the hypernetwork composes what the prompt says. For WAN the suite also makes its own
+tiny base model (diffusers `WanTransformer3DModel`, saved in ComfyUI/original key layout) and a tiny umT5
+text encoder with a word-level tokenizer, both in local folders loaded the normal way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from lofa_core.families.wan import diffusers_to_comfy_key
+from lofa_core.fileio import save_safetensors
+
+PATTERNS = ("stripes", "columns", "checks", "rings", "diagonals")
+PALETTES = ("pale", "vivid")  # which channels carry the pattern, and how strongly
+MOTIONS = ("still", "drifting", "flickering")  # WAN (video latents have a time axis)
+INTENSITIES = ("faint", "bold", "inverted")  # SDXL (images)
+HELD_OUT = {("pale", "rings", 1), ("vivid", "stripes", 2), ("vivid", "checks", 0), ("pale", "diagonals", 2),
+            ("pale", "columns", 0), ("vivid", "diagonals", 1)}
+AMPLITUDE = {"pale": 0.4, "vivid": 1.6}
+TINY_WAN = dict(dim=128, heads=1, ffn_dim=256, num_layers=2, in_channels=16, text_dim=4096, freq_dim=256)
+
+
+def _pattern(name: str, size: int, phase: float) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                          indexing="ij")
+    k = 2 * math.pi / size
+    if name == "stripes":
+        return torch.sin(k * y + phase)
+    if name == "columns":
+        return torch.sin(k * x + phase)
+    if name == "checks":
+        return torch.sin(k * y + phase) * torch.sin(k * x + phase) * 1.5
+    if name == "rings":
+        c = (size - 1) / 2
+        return torch.sin(1.5 * k * ((y - c) ** 2 + (x - c) ** 2).sqrt() + phase)
+    return torch.sin(k * (x + y) / 1.4 + phase)
+
+
+def make_latents(family: str, palette: str, pattern: str, third: int, count: int, seed: int) -> torch.Tensor:
+    """[count, C, T, H, W] (WAN) or [count, C, H, W] (SDXL) latents of one task group."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = 16 if family == "wan2.1-t2v" else 4
+    weights = torch.full((channels,), 0.15)
+    half = channels // 2
+    (weights[:half] if palette == "pale" else weights[half:]).fill_(AMPLITUDE[palette])
+    out = []
+    for _ in range(count):
+        phase = float(torch.rand(1, generator=gen)) * 2 * math.pi
+        amp = 0.8 + 0.4 * float(torch.rand(1, generator=gen))
+        base = _pattern(pattern, 8, phase)
+        if family == "wan2.1-t2v":
+            second = {0: base, 1: _pattern(pattern, 8, phase + math.pi / 2), 2: -base}[third]
+            frames = torch.stack([base, second])  # [T=2, H, W]
+            latent = amp * weights.view(-1, 1, 1, 1) * frames.unsqueeze(0)
+        else:
+            latent = amp * {0: 0.5, 1: 1.5, 2: -1.0}[third] * weights.view(-1, 1, 1) * base.unsqueeze(0)
+        out.append(latent + 0.1 * torch.randn(latent.shape, generator=gen))
+    return torch.stack(out)
+
+
+def prompt_of(family: str, palette: str, pattern: str, third: int) -> str:
+    if family == "wan2.1-t2v":
+        return f"a {palette} {pattern} pattern that is {MOTIONS[third]}"
+    return f"a {palette} {pattern} pattern , {INTENSITIES[third]}"
+
+
+def make_tasks(folder: Path, family: str, per_group: int = 8, seed: int = 0) -> Path:
+    """Latents and tasks.jsonl for every (palette, pattern, motion/intensity) group; returns tasks.jsonl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "latents").mkdir(exist_ok=True)
+    lines = []
+    combos = itertools.product(PALETTES, PATTERNS, range(3))
+    for i, (palette, pattern, third) in enumerate(combos):
+        group = f"{palette}_{pattern}_{third}"
+        path = folder / "latents" / f"{group}.safetensors"
+        if not path.exists():
+            save_safetensors({"latents": make_latents(family, palette, pattern, third, per_group, seed + i)}, path)
+        split = "val" if (palette, pattern, third) in HELD_OUT else "train"
+        lines.append({"group": group, "prompt": prompt_of(family, palette, pattern, third),
+                      "latents": f"latents/{group}.safetensors", "split": split})
+    tasks = folder / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in lines))
+    return tasks
+
+
+def make_tiny_wan(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised tiny WAN 2.1 T2V saved like the released files (ComfyUI/original key names)."""
+    from diffusers import WanTransformer3DModel
+
+    if path.exists():
+        return path
+    cfg = TINY_WAN
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=cfg["heads"], attention_head_dim=cfg["dim"] // cfg["heads"],
+        in_channels=cfg["in_channels"], out_channels=cfg["in_channels"], text_dim=cfg["text_dim"],
+        freq_dim=cfg["freq_dim"], ffn_dim=cfg["ffn_dim"], num_layers=cfg["num_layers"], cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1 + 0.05 * torch.randn(p.shape, generator=gen)) if name.endswith(
+                ("norm_q.weight", "norm_k.weight", "norm2.weight")) else 0.05 * torch.randn(p.shape, generator=gen))
+    sd = {diffusers_to_comfy_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    save_safetensors(sd, path, {"lofa.synthetic": "tiny WAN 2.1 T2V"})
+    return path
+
+
+def make_tiny_umt5(folder: Path, seed: int = 0) -> Path:
+    """A tiny umT5 encoder (4096-wide outputs like umT5-XXL) with a word-level tokenizer, in a local folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    if (folder / "config.json").exists():
+        return folder
+    words = sorted({w for p in PALETTES for w in [p]} | set(PATTERNS) | set(MOTIONS) | set(INTENSITIES)
+                   | {"a", "pattern", "that", "is", ","})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=len(vocab), d_model=4096, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
+                        eos_token_id=1, decoder_start_token_id=0)
+    model = UMT5EncoderModel(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    fast.save_pretrained(str(folder))
+    return folder
