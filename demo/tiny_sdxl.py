@@ -148,3 +148,34 @@ def save_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     comfy.sd.save_checkpoint(str(path), model, clip, vae, metadata={"lofa.tiny_sdxl": "1"})
     return path
+
+
+def export_text_encoders(clip, folder: str | os.PathLike) -> Path:
+    """Save a tiny SDXL CLIP in transformers' layout (`clip_l/`, `clip_g/`, with ComfyUI's CLIP tokenizer files),
+    so `training.conditions.SDXLClipTextEncoder` encodes prompts exactly as this ComfyUI CLIP does."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tokenizer_dir = Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
+    parts = {"clip_l": (clip.cond_stage_model.clip_l, _CLIP_L, "CLIPTextModel", "<|endoftext|>"),
+             "clip_g": (clip.cond_stage_model.clip_g, _CLIP_G, "CLIPTextModelWithProjection", "!")}
+    for name, (model, sizes, arch, pad) in parts.items():
+        out = folder / name
+        out.mkdir(parents=True, exist_ok=True)
+        config = {**_CLIP_COMMON, **sizes, "architectures": [arch], "torch_dtype": "float32"}
+        (out / "config.json").write_text(json.dumps(config, indent=1))
+        sd = {k: v.float().contiguous() for k, v in model.transformer.state_dict().items()
+              if k.startswith("text_model.") or (arch.endswith("Projection") and k == "text_projection.weight")}
+        sd.pop("text_model.embeddings.position_ids", None)
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        for file in tokenizer_dir.iterdir():
+            shutil.copyfile(file, out / file.name)
+        special = json.loads((out / "special_tokens_map.json").read_text())
+        special["pad_token"] = pad
+        (out / "special_tokens_map.json").write_text(json.dumps(special))
+        tok_config = json.loads((out / "tokenizer_config.json").read_text())
+        tok_config["pad_token"] = pad
+        (out / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return folder

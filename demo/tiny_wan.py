@@ -86,14 +86,14 @@ class TinyWanBase(nn.Module):
         self.diffusion_model = ComfyWanView(model)
 
 
-def build_view_patcher(seed: int = 0):
-    """(ModelPatcher over the ComfyUI-named view, the diffusers model it shares weights with)."""
+def build_view_patcher(seed: int = 0, model=None):
+    """(ModelPatcher over the ComfyUI-named view, the diffusers model it shares weights with); `model` defaults
+    to a fresh tiny WAN."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    model = build_diffusers(seed)
-    base = TinyWanBase(model)
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+    model = build_diffusers(seed) if model is None else model
+    return comfy.model_patcher.ModelPatcher(TinyWanBase(model), load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device()), model
 
 

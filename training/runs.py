@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from safetensors import safe_open
 
 from lofa_core.checkpoint import LoFACheckpoint, load_checkpoint, save_checkpoint
@@ -64,6 +65,7 @@ class Data:
 
 def run_stage1(cfg: Stage1Config, resume: str | bool = False) -> Path:
     data = Data(cfg, need_latents=False)
+    set_seed(cfg.seed)  # the initial weights are part of the run: a re-run starts from the same ones
     net = build_stage1(cfg, data.catalog, data.spec)
     trainer = Trainer(cfg, Stage1Objective(net, cfg.l2_penalty), net, "stage1")
     trainer.resume(resume)
@@ -94,6 +96,7 @@ def run_stage2(cfg: Stage2Config, resume: str | bool = False) -> Path:
     first = stage1_checkpoint(cfg.stage1)
     data = Data(cfg, need_latents=cfg.lambda_diff > 0, spec=first.condition, catalog=first.catalog)
     stage1: Stage1Net = first.net.stage1
+    set_seed(cfg.seed)
     net = build_stage2(cfg, stage1)
     base = load_base_model(cfg.base_model, cfg.target_groups) if (cfg.lambda_diff > 0 or data.held_out) else None
     if base is not None:

@@ -17,6 +17,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,30 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """The step's own random stream: identical whether the run was interrupted or not."""
     digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class StopRequest:
+    """Ctrl-C during training asks to stop at the next step boundary, so the checkpoint written then holds a
+    consistent state (never half an optimiser step). A second Ctrl-C interrupts immediately."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", flush=True)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def lr_factor(warmup: int, steps: int, schedule: str) -> Callable[[int], float]:
@@ -134,8 +160,13 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not self.is_main, unit="step")
         started = time.time()
-        try:
+        with StopRequest() as stop:
             while self.step < cfg.steps:
+                if self._agreed(stop.requested):
+                    bar.close()
+                    path = self.save()
+                    raise SystemExit(f"\ninterrupted: {self.name} saved at step {self.step} in {path}; continue "
+                                     f"with --resume")
                 self.model.train()
                 gen = step_generator(cfg.seed, self.step, acc.process_index)
                 with acc.autocast():
@@ -159,15 +190,17 @@ class Trainer:
                     acc.wait_for_everyone()
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            path = self.save()
-            raise SystemExit(f"\ninterrupted: {self.name} saved at step {self.step} in {path}; continue with "
-                             f"--resume") from None
         bar.close()
         self.write_digest()
         if self.is_main:
             plot_metrics(self.run / "metrics.jsonl", self.run / "loss.png", title=self.name)
+
+    def _agreed(self, flag: bool) -> bool:
+        """A stop request seen by any process stops them all at the same step."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        votes = self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum")
+        return bool(votes.item() > 0)
 
     def log(self, record: dict) -> None:
         if self.is_main:
