@@ -82,8 +82,9 @@ def test_exported_checkpoint_predicts_through_the_node_graph(suite, comfy, model
         after = {k: v.clone() for k, v in patcher.model.state_dict().items()}
     finally:
         mm.unload_all_models()
-    expected = predict(ckpt, ckpt.catalog.targets, lambda t: before[t.key], prepare_condition(cond, None, ckpt.condition),
-                       device=torch.device("cpu"), dtype=torch.float32)
+    condition = prepare_condition(cond, None, ckpt.condition)
+    expected = predict(ckpt, ckpt.catalog.targets, lambda t: before[t.key], condition, device=torch.device("cpu"),
+                       dtype=torch.float32)
     for path, f in expected.lora.factors.items():
         key = f"diffusion_model.{path}.weight"
         torch.testing.assert_close(after[key] - before[key], f.delta(), rtol=1e-4, atol=1e-7)
