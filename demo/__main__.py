@@ -1,11 +1,13 @@
 """The LoFA demo: run the shipped SDXL workflow headless on a tiny SDXL, end to end, on the CPU.
 
-    python -m demo [--checkpoint LOFA.safetensors] [--workdir DIR]
+    python -m demo [--checkpoint LOFA.safetensors | --untrained] [--workdir DIR]
 
-Builds (once) a tiny randomly initialised SDXL from ComfyUI's own classes and a LoFA checkpoint for it,
-starts the embedded ComfyUI headless with the pack installed, queues `workflows/api/lofa_sdxl.json` with those
-models substituted, and prints where the saved LoRA, the response-map PNG and the sampled image are.
-Idempotent: models are built once; each run saves new numbered outputs.
+Builds (once) a tiny randomly initialised SDXL from ComfyUI's own classes and trains a LoFA checkpoint for it
+with `training/` on the tiny synthetic task suite (a few minutes, once; cached afterwards), starts the embedded
+ComfyUI headless with the pack installed, queues `workflows/api/lofa_sdxl.json` with those models substituted,
+and prints where the saved LoRA, the response-map PNG and the sampled image are. Idempotent: models are built
+and trained once; each run saves new numbered outputs. `--untrained` skips training and uses a randomly
+initialised LoFA checkpoint (plumbing only).
 """
 
 from __future__ import annotations
@@ -20,18 +22,24 @@ from demo import runtime
 
 TINY_CKPT = "lofa_demo_tiny_sdxl.safetensors"
 UNTRAINED = "lofa_demo_untrained.safetensors"
+TRAINED = "lofa_demo_suite.safetensors"
+# The suite's full settings, shortened so the one-off training fits in a few minutes on 2 CPU cores.
+DEMO_TRAINING = ["stage1.steps=300", "stage2.steps=200"]
+SUITE_PROMPT = "a vivid rings pattern , bold"  # a held-out task of the suite
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, help="a LoFA checkpoint for the demo's tiny SDXL "
-                                                        "(default: an untrained, randomly initialised one)")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--checkpoint", type=Path, help="a LoFA checkpoint for the demo's tiny SDXL (default: one "
+                                                        "trained once on the synthetic task suite)")
+    choice.add_argument("--untrained", action="store_true", help="use a randomly initialised LoFA checkpoint")
     parser.add_argument("--workdir", type=Path, default=runtime.REPO / ".cache" / "demo")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps (default 4)")
     return parser.parse_args(argv)
 
 
-def build_models(root: Path, checkpoint: Path | None) -> tuple[str, bool]:
+def build_models(root: Path, workdir: Path, checkpoint: Path | None, untrained: bool) -> tuple[str, bool]:
     """Tiny SDXL checkpoint + LoFA checkpoint in the server's model folders; returns (lofa file, trained?)."""
     import torch
 
@@ -57,6 +65,10 @@ def build_models(root: Path, checkpoint: Path | None) -> tuple[str, bool]:
         if not target.exists():
             shutil.copy2(checkpoint, target)
         return target.name, given.trained
+    if not untrained:
+        trained = train_on_suite(ckpt_path, workdir / "train")
+        shutil.copyfile(trained, lofa_dir / TRAINED)
+        return TRAINED, True
     if not (lofa_dir / UNTRAINED).exists():
         torch.manual_seed(0)
         net = randomise_lora_heads_(new_hypernet(catalog, SDXL_TEXT, **SMALL), seed=0)
@@ -65,18 +77,36 @@ def build_models(root: Path, checkpoint: Path | None) -> tuple[str, bool]:
     return UNTRAINED, False
 
 
+def train_on_suite(tiny_checkpoint: Path, workdir: Path) -> Path:
+    """`python -m training suite --family sdxl` on the demo's tiny SDXL (cached after the first run)."""
+    import comfy.sd
+
+    from demo import tiny_sdxl
+    from training.suite import run_suite
+
+    encoders = workdir / "text_encoder"
+    if not (encoders / "clip_g" / "model.safetensors").exists():
+        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
+                                                              output_clip=True)
+        tiny_sdxl.export_text_encoders(clip, encoders)
+    print("training LoFA on the synthetic task suite (once; cached in .cache/demo/train) ...", flush=True)
+    report = run_suite(workdir, "sdxl", str(tiny_checkpoint), str(encoders), DEMO_TRAINING)
+    return Path(report["checkpoint"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source = runtime.runtime_root()
     runtime.import_comfy(source)
     root = runtime.prepare_server_root(source, args.workdir / "comfyui")
-    lofa_name, trained = build_models(root, args.checkpoint)
+    lofa_name, trained = build_models(root, args.workdir, args.checkpoint, args.untrained)
     graph = json.loads((runtime.REPO / "workflows" / "api" / "lofa_sdxl.json").read_text())
     graph = runtime.substitute(graph, {
         "CheckpointLoaderSimple": {"ckpt_name": TINY_CKPT},
         "LoFAModelLoader": {"lofa_name": lofa_name, "dtype": "float32"},
         "KSampler": {"steps": args.steps},
         "EmptyLatentImage": {"width": 256, "height": 256},
+        **({"5": {"text": SUITE_PROMPT}} if lofa_name == TRAINED else {}),  # the LoFA prompt, in the suite's words
     })
     output = args.workdir / "output"
     print("starting ComfyUI headless (CPU) with the LoFA nodes ...", flush=True)
@@ -98,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  response map   {output / response['subfolder'] / response['filename']}")
     print(f"  sampled image  {output / image['subfolder'] / image['filename']}")
     if not trained:
-        print("\nNOTE: the LoFA checkpoint is UNTRAINED (random weights), so this LoRA is noise and the image is "
-              "the output of an untrained tiny SDXL. The demo shows the plumbing; pass --checkpoint with a "
-              "trained LoFA checkpoint to get a meaningful LoRA.")
+        print("\nNOTE: the LoFA checkpoint is UNTRAINED (random weights), so this LoRA is noise. Run without "
+              "--untrained for one trained on the synthetic suite, or pass --checkpoint with a trained checkpoint.")
+    elif lofa_name == TRAINED:
+        print(f"\nThe LoFA checkpoint was trained by `python -m training suite` on synthetic tasks for this tiny "
+              f"SDXL (LoFA prompt: {SUITE_PROMPT!r}, a task it never saw). The base model itself is an untrained "
+              f"tiny SDXL, so the image shows the pipeline, not image quality.")
     return 0
 
 

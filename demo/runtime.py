@@ -170,10 +170,10 @@ class Server:
 
 
 def substitute(graph: dict, values: dict[str, dict]) -> dict:
-    """Copy of an API graph with widget values replaced per class_type: {"KSampler": {"steps": 2}}."""
+    """Copy of an API graph with widget values replaced per class_type or node id: {"KSampler": {"steps": 2}}."""
     out = json.loads(json.dumps(graph))
-    for node in out.values():
-        for name, value in values.get(node["class_type"], {}).items():
+    for node_id, node in out.items():
+        for name, value in {**values.get(node["class_type"], {}), **values.get(node_id, {})}.items():
             if name not in node["inputs"]:
                 raise KeyError(f"{node['class_type']} has no input {name!r} in this workflow")
             node["inputs"][name] = value

@@ -130,3 +130,20 @@ def test_sdxl_checkpoint_runs_in_diffusers_like_in_comfyui(comfy, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     for tgt in base.catalog.targets:
         assert torch.equal(base.modules[tgt.path].weight, model.state_dict()[tgt.key])
+
+
+@pytest.mark.parametrize("name,kind", [("build_wan21_1.3b", "BuildConfig"), ("stage1_wan21_1.3b", "Stage1Config"),
+                                       ("stage2_wan21_1.3b", "Stage2Config")])
+def test_shipped_configs_parse(name, kind):
+    from training import config
+
+    cfg = config.load_config(getattr(config, kind), config_path(name), ["steps=5"])
+    assert cfg.steps == 5
+    with pytest.raises(SystemExit, match="unknown"):
+        config.load_config(getattr(config, kind), config_path(name), ["stepz=5"])
+
+
+def config_path(name: str):
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "training" / "configs" / f"{name}.yaml"

@@ -72,9 +72,9 @@ class Stage2Config(RunConfig):
     lambda_recon: float = 5.0  # L1 between predicted and ground-truth dW (alpha included)
     lambda_diff: float = 1.0  # diffusion loss with the predicted LoRA injected into the frozen base model
     lambda_wp: float = 0.0  # DiffLoRA's weight-preserving L1, mean(|dW| * |dW - dW_hat|)
-    recon_normalize: bool = False  # divide the L1 by mean |dW_gt| per matrix (scale-free lambda)
+    recon_normalize: bool = False  # divide the L1 by the batch's mean |dW_gt| (makes lambda_recon scale-free)
     cache_stage1_features: bool = False  # keep Stage-I features per sample in memory instead of recomputing
-    alpha_init: float = 1.0
+    alpha_init: float | None = None  # alpha's start; None: the training LoRAs' mean |dW|, so B A starts O(1)
     flow_shift: float = 5.0  # WAN timestep shift for the diffusion loss
 
 

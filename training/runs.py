@@ -18,7 +18,7 @@ from .config import RunConfig, Stage1Config, Stage2Config
 from .dataset import SampleStore, check_dataset
 from .evaluate import evaluate_stage1, evaluate_stage2, training_means
 from .stage1 import Stage1Objective, build_stage1, stage1_batch
-from .stage2 import Frozen, Stage2Objective, build_stage2, stage2_batch
+from .stage2 import Frozen, Stage2Objective, build_stage2, stage2_batch, typical_scale
 from .trainer import Trainer
 
 STAGE1_EXPORT = "lofa_stage1.safetensors"
@@ -97,7 +97,7 @@ def run_stage2(cfg: Stage2Config, resume: str | bool = False) -> Path:
     data = Data(cfg, need_latents=cfg.lambda_diff > 0, spec=first.condition, catalog=first.catalog)
     stage1: Stage1Net = first.net.stage1
     set_seed(cfg.seed)
-    net = build_stage2(cfg, stage1)
+    net = build_stage2(cfg, stage1, cfg.alpha_init or typical_scale(data.store, data.train))
     base = load_base_model(cfg.base_model, cfg.target_groups) if (cfg.lambda_diff > 0 or data.held_out) else None
     if base is not None:
         base.shift = cfg.flow_shift

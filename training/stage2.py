@@ -46,15 +46,16 @@ class Stage2Objective(nn.Module):
         samples = prompts.full.shape[0]
         factors: dict[str, list] = {}
         recon, wp, matrices = 0.0, 0.0, 0
+        scale = 1.0
+        if cfg.recon_normalize:  # one scale per batch (mean |dW_gt|): per-matrix scales blow up on near-zero dW
+            scale = (sum(g.extra["delta"].abs().sum() for g in groups)
+                     / sum(g.extra["delta"].numel() for g in groups)).clamp_min(1e-12)
         for g in groups:
             a, b, alpha = self.net(g.w, g.depth, g.kind, contexts_for(ctx, g.sample), g.extra["features"])
             pred = alpha.float().unsqueeze(-1) * torch.bmm(b.float(), a.float())
             gt = g.extra["delta"]
             err = (pred - gt).abs()
-            per_matrix = err.mean(dim=(1, 2))
-            if cfg.recon_normalize:
-                per_matrix = per_matrix / gt.abs().mean(dim=(1, 2)).clamp_min(1e-12)
-            recon = recon + per_matrix.sum()
+            recon = recon + (err.mean(dim=(1, 2)) / scale).sum()
             wp = wp + (gt.abs() * err).mean(dim=(1, 2)).sum()
             matrices += len(g.targets)
             for m, t in enumerate(g.targets):
@@ -75,17 +76,23 @@ class Stage2Objective(nn.Module):
         return losses
 
 
-def build_stage2(cfg: Stage2Config, stage1: Stage1Net) -> Stage2Net:
+def build_stage2(cfg: Stage2Config, stage1: Stage1Net, alpha_init: float) -> Stage2Net:
     """Stage-II shaped like the Stage-I it reads; its trunk starts as Stage-I's unless disabled."""
     s1 = stage1.cfg
     injection = tuple(cfg.hypernet.cross_attn_idxs or default_injection(s1.n_blocks))
-    net = Stage2Net(s1.replace(stage=2, cross_attn_idxs=injection, alpha_init=cfg.alpha_init))
+    net = Stage2Net(s1.replace(stage=2, cross_attn_idxs=injection, alpha_init=alpha_init))
     if cfg.init_from_stage1:
         trunk = {k: v for k, v in stage1.state_dict().items() if not k.startswith(HEADS)}
         missing, unexpected = net.load_state_dict(trunk, strict=False)
         assert not unexpected, unexpected
     net.gradient_checkpointing = cfg.gradient_checkpointing
     return net
+
+
+def typical_scale(store: SampleStore, samples: list, count: int = 8) -> float:
+    """Mean |dW| of (up to `count`) training LoRAs: the natural starting value of alpha."""
+    values = [store.delta(s, t.path).abs().mean() for s in samples[:count] for t in store.catalog.targets]
+    return max(float(torch.stack(values).mean()), 1e-8)
 
 
 def stage2_batch(store: SampleStore, train: list, weights: dict[str, torch.Tensor], frozen: Frozen,

@@ -29,6 +29,13 @@ DEFAULTS = {
 }
 
 
+# SDXL's targets mix 640/1280-wide and [C, 2048] matrices (in the tiny model 64/128 and [C, 2048]): bigger patches
+# keep the token count of the wide matrices small.
+SDXL_DEFAULTS = {"build": {"lr": 1e-3},
+                 "stage1": {"hypernet": {**HYPERNET, "d_model": 64, "patch_size": 32}},
+                 "stage2": {"hypernet": {**HYPERNET, "d_model": 64, "patch_size": 32}}}
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -36,8 +43,8 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def suite_settings(overrides: list[str] | None) -> dict:
-    settings = copy.deepcopy(DEFAULTS)
+def suite_settings(overrides: list[str] | None, family: str = "wan") -> dict:
+    settings = _merge(DEFAULTS, SDXL_DEFAULTS) if family == "sdxl" else copy.deepcopy(DEFAULTS)
     for item in overrides or []:
         key, _, value = item.partition("=")
         *path, last = key.split(".")
@@ -64,7 +71,7 @@ def _mark(folder: Path, config: dict) -> None:
 
 def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None, text_encoder: str | None = None,
               overrides: list[str] | None = None) -> dict:
-    settings = suite_settings(overrides)
+    settings = suite_settings(overrides, family)
     workdir.mkdir(parents=True, exist_ok=True)
     if family == "wan":
         base_model = str(synthetic.make_tiny_wan(workdir / "base" / "tiny_wan.safetensors"))
