@@ -80,14 +80,16 @@ def build_models(root: Path, workdir: Path, checkpoint: Path | None, untrained: 
 def train_on_suite(tiny_checkpoint: Path, workdir: Path) -> Path:
     """`python -m training suite --family sdxl` on the demo's tiny SDXL (cached after the first run)."""
     import comfy.sd
+    import torch
 
     from demo import tiny_sdxl
     from training.suite import run_suite
 
     encoders = workdir / "text_encoder"
     if not (encoders / "clip_g" / "model.safetensors").exists():
-        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
-                                                              output_clip=True)
+        with torch.no_grad():  # as ComfyUI runs its loaders
+            _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
+                                                                  output_clip=True)
         tiny_sdxl.export_text_encoders(clip, encoders)
     print("training LoFA on the synthetic task suite (once; cached in .cache/demo/train) ...", flush=True)
     report = run_suite(workdir, "sdxl", str(tiny_checkpoint), str(encoders), DEMO_TRAINING)
