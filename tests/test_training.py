@@ -144,3 +144,17 @@ def test_two_processes_end_with_identical_weights(suite, tmp_path):
     digests = [(out / f"weights_rank{r}.sha256").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
     assert json.loads((out / "config.json").read_text())["steps"] == 4
+
+
+def test_bf16_autocast_keeps_float32_master_weights_and_export_cli(suite, tmp_path):
+    workdir, _ = suite
+    out = tmp_path / "bf16"
+    result = _run(_stage1_cmd(workdir, out, 2) + ["--set", "mixed_precision=bf16"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    weights = load_file(out / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    exported = tmp_path / "exported.safetensors"
+    assert _run(["-m", "training", "export", "--stage1", str(out), "--out", str(exported)]).returncode == 0
+    assert load_checkpoint(exported).net.stage2 is None
+    again = _run(["-m", "training", "export", "--stage1", str(out), "--out", str(exported)])
+    assert again.returncode == 1 and "exists" in again.stderr

@@ -108,19 +108,22 @@ def _validate(args) -> int:
 
 
 def _export(args) -> int:
-    from .runs import STAGE2_EXPORT, stage1_checkpoint
+    """Copy a run's exported checkpoint (validated by loading it) to --out, never over an existing file."""
+    from lofa_core.checkpoint import load_checkpoint
+    from lofa_core.fileio import publish_new_file
 
-    if args.stage2:
-        source = Path(args.stage2) / STAGE2_EXPORT
-    else:
-        first = stage1_checkpoint(args.stage1)
-        source = Path(args.stage1) / "lofa_stage1.safetensors" if Path(args.stage1).is_dir() else Path(args.stage1)
-        del first
-    if Path(args.out).exists():
+    from .runs import STAGE1_EXPORT, STAGE2_EXPORT
+
+    source = Path(args.stage2) / STAGE2_EXPORT if args.stage2 else Path(args.stage1)
+    if source.is_dir():
+        source = source / STAGE1_EXPORT
+    ckpt = load_checkpoint(source)
+    try:
+        publish_new_file(args.out, lambda tmp: shutil.copyfile(source, tmp))
+    except FileExistsError:
         print(f"{args.out} exists; choose another name", file=sys.stderr)
         return 1
-    shutil.copyfile(source, args.out)
-    print(args.out)
+    print(f"{args.out}: {ckpt.catalog.describe()}, {'Stage-I + Stage-II' if ckpt.net.stage2 else 'Stage-I only'}")
     return 0
 
 
