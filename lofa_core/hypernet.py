@@ -21,6 +21,7 @@ from .layers import (
     CrossResidualBlock,
     Learnable2DPos,
     PatchEmbed,
+    PromptKV,
     ZeroLinear,
     softplus_inverse,
 )
@@ -29,13 +30,18 @@ COLUMN_RMS_EPS = 1e-6
 RATIO_EPS = 1e-8  # as in the ground truth's |dW| / (|W| + eps)
 
 
-def normalise_columns(w: torch.Tensor) -> torch.Tensor:
+def normalise_columns(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Divide each in-feature column by its RMS over the out rows (the authors' "per matrix" norm, B2).
 
-    Done in float32 whatever the compute dtype, then cast back, so bf16 weights lose nothing here.
+    The RMS is computed in float32 whatever the weights' dtype; the result comes out in `dtype` (default: W's).
     """
+    dtype = dtype or w.dtype
     w32 = w.float()
-    return (w32 / torch.sqrt(w32.pow(2).mean(dim=-2, keepdim=True) + COLUMN_RMS_EPS)).to(w.dtype)
+    norm = torch.linalg.vector_norm(w32, dim=-2, keepdim=True)
+    scale = torch.rsqrt(norm.square() / w.shape[-2] + COLUMN_RMS_EPS)
+    if dtype == torch.float32:
+        return w32 * scale
+    return w.to(dtype) * scale.to(dtype)
 
 
 class _Trunk(nn.Module):
@@ -92,13 +98,24 @@ class _Trunk(nn.Module):
             log_counts = F.pad(log_counts, (0, values.shape[1] - log_counts.shape[1]))
         return Context(values, log_counts)
 
-    def embed_weights(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor) -> torch.Tensor:
-        """Base weights [B, out, in] -> tokens [B, (1+) rows*cols, d]."""
+    def prepare_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """Base weights [B, out, in] (any float dtype) -> normalised, padded to whole patches, compute dtype.
+
+        Both stages of a model with the same patch size can share this (it depends only on W).
+        """
         cfg = self.cfg
         out_f, in_f = w.shape[-2:]
         rows, cols = cfg.grid(out_f, in_f)
-        wn = normalise_columns(w).to(self.patch_embed.proj.weight.dtype)
-        wn = F.pad(wn, (0, cols * cfg.patch_size - in_f, 0, rows * cfg.patch_size - out_f))
+        wn = normalise_columns(w, self.patch_embed.proj.weight.dtype)
+        if rows * cfg.patch_size != out_f or cols * cfg.patch_size != in_f:
+            wn = F.pad(wn, (0, cols * cfg.patch_size - in_f, 0, rows * cfg.patch_size - out_f))
+        return wn
+
+    def embed_weights(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor,
+                      prepared: torch.Tensor | None = None) -> torch.Tensor:
+        """Base weights [B, out, in] -> tokens [B, (1+) rows*cols, d]."""
+        rows, cols = self.cfg.grid(*w.shape[-2:])
+        wn = self.prepare_weights(w) if prepared is None else prepared
         x = self.patch_embed(wn) + self.pos(rows, cols)
         x = x + (self.depth_embed(depth) + self.type_embed(type_index)).unsqueeze(1)
         if self.cls_token is not None:
@@ -113,9 +130,17 @@ class _Trunk(nn.Module):
             return checkpoint(block, x, ctx, use_reentrant=False)
         return block(x, ctx)
 
-    def run_blocks(self, x: torch.Tensor, ctx: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
-            x = self._run_block(block, x, ctx)
+    def prompt_cache(self, ctx: torch.Tensor | Context) -> list[PromptKV]:
+        """Every block's cross-attention keys/values for one prompt: computed once per prompt, not per matrix."""
+        return [block.cross_attn.prepare(ctx) for block in self.blocks]
+
+    def _per_block(self, ctx) -> list:
+        return ctx if isinstance(ctx, list) else [ctx] * len(self.blocks)
+
+    def run_blocks(self, x: torch.Tensor, ctx, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """`ctx`: one context for all blocks, or a per-block list (see `prompt_cache`)."""
+        for block, block_ctx in zip(self.blocks, self._per_block(ctx)):
+            x = self._run_block(block, x, block_ctx)
         return self.norm(x)
 
     # -- heads -------------------------------------------------------------------------------------------
@@ -157,9 +182,10 @@ class Stage1Net(_Trunk):
             self.response_bias = nn.Parameter(torch.zeros(1))
 
     def forward_features(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor, ctx: torch.Tensor,
-                         logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         logits: bool = True, prepared: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (final tokens [B, N, d] (the Stage-I features), response logits [B, out, in] or None)."""
-        tokens = self.run_blocks(self.embed_weights(w, depth, type_index), ctx)
+        tokens = self.run_blocks(self.embed_weights(w, depth, type_index, prepared), ctx)
         return tokens, (self.response_logits(tokens, w) if logits else None)
 
     def response_logits(self, tokens: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -197,18 +223,19 @@ class Stage2Net(_Trunk):
         nn.init.zeros_(self.head_alpha.weight)
         nn.init.constant_(self.head_alpha.bias, softplus_inverse(cfg.alpha_init))
 
-    def run_blocks(self, x: torch.Tensor, ctx: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        for i, block in enumerate(self.blocks):
-            x = self._run_block(block, x, ctx)
+    def run_blocks(self, x: torch.Tensor, ctx, prior: torch.Tensor | None = None) -> torch.Tensor:
+        for i, (block, block_ctx) in enumerate(zip(self.blocks, self._per_block(ctx))):
+            x = self._run_block(block, x, block_ctx)
             inject = self.cross_attn_blocks[str(i)] if str(i) in self.cross_attn_blocks else None
             if inject is not None:
                 x = self._run_block(inject, x, prior)
         return self.norm(x)
 
     def forward(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor, ctx: torch.Tensor,
-                prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                prior: torch.Tensor | None, prepared: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (A [B, r, in], B [B, out, r], alpha [B, 1]); dW = alpha * B @ A."""
-        tokens = self.run_blocks(self.embed_weights(w, depth, type_index), ctx, prior)
+        tokens = self.run_blocks(self.embed_weights(w, depth, type_index, prepared), ctx, prior)
         a, b = self.lora_factors(tokens, w.shape[-2], w.shape[-1])
         alpha = F.softplus(self.head_alpha(tokens.mean(dim=1)))
         return a, b, alpha

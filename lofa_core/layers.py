@@ -74,6 +74,14 @@ class Context(NamedTuple):
     log_counts: torch.Tensor | None = None
 
 
+class PromptKV(NamedTuple):
+    """One block's cross-attention keys and values for a prompt, computed once and reused for every matrix."""
+
+    k: torch.Tensor  # [Bc, heads, L, head_dim], already k-normed
+    v: torch.Tensor
+    log_counts: torch.Tensor | None
+
+
 class CrossAttention(nn.Module):
     """Queries from the weight tokens, keys/values from a context already projected to `dim`.
 
@@ -96,11 +104,18 @@ class CrossAttention(nn.Module):
         k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
         return self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | Context) -> torch.Tensor:
+    def prepare(self, context: torch.Tensor | Context) -> PromptKV:
+        """Keys/values of a context, to be reused across many query batches."""
+        if isinstance(context, PromptKV):
+            return context
         values, log_counts = (context.values, context.log_counts) if isinstance(context, Context) else (context, None)
         k, v = self.keys_values(values)
+        return PromptKV(k, v, log_counts)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | Context | PromptKV) -> torch.Tensor:
+        k, v, log_counts = self.prepare(context)
         q = self.q_norm(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads))
-        contexts, batch = values.shape[0], x.shape[0]
+        contexts, batch = k.shape[0], x.shape[0]
         if batch % contexts:
             raise ValueError(f"{batch} query sequences cannot share {contexts} contexts evenly")
         group = batch // contexts
@@ -129,7 +144,7 @@ class ConditionalBlock(nn.Module):
         self.mlp_ca = Mlp(dim, hidden)
         self.ls4 = LayerScale(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | Context | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | Context | PromptKV | None) -> torch.Tensor:
         x = x + self.ls1(self.self_attn(self.norm1(x)))
         x = x + self.ls2(self.mlp_sa(self.norm2(x)))
         if context is not None:
@@ -165,9 +180,15 @@ class PatchEmbed(nn.Module):
         self.norm = nn.RMSNorm(dim, eps=None)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        """w: [B, rows*p, cols*p] -> tokens [B, rows*cols, dim] in row-major grid order."""
-        tokens = self.proj(w.unsqueeze(1))
-        return self.norm(rearrange(tokens, "b d r c -> b (r c) d"))
+        """w: [B, rows*p, cols*p] -> tokens [B, rows*cols, dim] in row-major grid order.
+
+        A stride-p p x p convolution over non-overlapping patches is one matrix product over the flattened
+        patches; computed that way (the Conv2d weights kept for checkpoint compatibility), because convolution
+        kernels are slow for p = 96.
+        """
+        patches = rearrange(w, "b (r i) (c j) -> b (r c) (i j)", i=self.patch, j=self.patch)
+        tokens = F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+        return self.norm(tokens)
 
 
 class Learnable2DPos(nn.Module):

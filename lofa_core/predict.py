@@ -60,13 +60,14 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
         tokens = tokens.unsqueeze(0).to(device=device, dtype=dtype)
         log_counts = log_counts.unsqueeze(0).to(device=device)
         pooled = condition.pooled.unsqueeze(0).to(device=device, dtype=dtype) if condition.pooled is not None else None
-        ctx1 = net.stage1.encode_collapsed(tokens, log_counts, pooled)
-        ctx2 = net.stage2.encode_collapsed(tokens, log_counts, pooled) if with_lora else None
+        ctx1 = net.stage1.prompt_cache(net.stage1.encode_collapsed(tokens, log_counts, pooled))
+        ctx2 = net.stage2.prompt_cache(net.stage2.encode_collapsed(tokens, log_counts, pooled)) if with_lora else None
         for done, chunk in enumerate(chunks, start=1):
-            w = torch.stack([_checked_weight(read_weight(t), t) for t in chunk]).to(device=device, dtype=dtype)
+            w = torch.stack([_checked_weight(read_weight(t), t).to(device) for t in chunk])  # W's own dtype
             depth = torch.tensor([t.depth for t in chunk], device=device)
             kind = torch.tensor([t.type_index for t in chunk], device=device)
-            feats, logits = net.stage1.forward_features(w, depth, kind, ctx1, logits=with_response)
+            prepared = net.stage1.prepare_weights(w)  # normalised once, shared by both stages if they can
+            feats, logits = net.stage1.forward_features(w, depth, kind, ctx1, logits=with_response, prepared=prepared)
             if with_response:
                 probs = torch.sigmoid(logits.float())
                 actives.extend((probs > 0.5).float().mean(dim=(1, 2)).tolist())
@@ -74,7 +75,8 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
                 kept.extend(chunk)
                 del probs
             if with_lora:
-                a, b, alpha = net.stage2(w, depth, kind, ctx2, feats)
+                shared = prepared if net.stage2.cfg.patch_size == net.stage1.cfg.patch_size else None
+                a, b, alpha = net.stage2(w, depth, kind, ctx2, feats, prepared=shared)
                 a = a.float().to(output_device)
                 b = b.float().to(output_device)
                 for i, t in enumerate(chunk):

@@ -7,6 +7,7 @@ from ..lofa_core.errors import ConditionError, LoFAError
 from ..lofa_core.lora_formats import PredictedLoRA, to_lora_model
 from ..lofa_core.predict import predict, shape_groups, truncate_rank
 from ..lofa_core.targets import build_catalog, check_compatible, select_targets
+from . import prediction_cache
 from .comfy_compat import Progress, base_weight, intermediate_device, log, model_weight_shapes
 
 CATEGORY = "LoFA"
@@ -53,9 +54,20 @@ class LoFAPredictLoRA:
             raise LoFAError(f"No '{targets}' layers are among the targets of '{ckpt.name}'; choose 'all'.")
         tokens, pooled = _first_condition(conditioning)
         condition = prepare_condition(tokens, pooled, ckpt.condition)
+
+        def read(t):
+            return base_weight(model, t.key)
+
+        cache_key = prediction_cache.key(
+            prediction_cache.file_identity(lofa_model.path), str(lofa_model.dtype), targets, rank,
+            prediction_cache.weights_fingerprint(chosen.targets, read), prediction_cache.condition_digest(condition))
+        cached = prediction_cache.get(cache_key)
+        if cached is not None:
+            log.info("LoFA: same checkpoint, base weights and prompt as before: reusing the predicted LoRA")
+            return cached
         device = lofa_model.load()
         progress = Progress(len(shape_groups(chosen.targets, batch_size)))
-        result = predict(ckpt, chosen.targets, lambda t: base_weight(model, t.key), condition,
+        result = predict(ckpt, chosen.targets, read, condition,
                          device=device, dtype=lofa_model.dtype, chunk_size=batch_size,
                          output_device=intermediate_device(), on_chunk=progress)
         lora = result.lora
@@ -64,7 +76,9 @@ class LoFAPredictLoRA:
         log.info("LoFA: predicted a rank-%d LoRA for %d layers (%d prompt tokens); %.1f%% of weights respond",
                  next(iter(lora.factors.values())).rank, len(lora), condition.real_tokens,
                  100 * result.response.mean_active())
-        return (to_lora_model(lora), result.response)
+        output = (to_lora_model(lora), result.response)
+        prediction_cache.put(cache_key, output)
+        return output
 
 
 def _first_condition(conditioning):

@@ -159,3 +159,21 @@ def test_lora_model_plugs_into_stock_lora_model_loader(comfy, model_dirs):
         mm.unload_all_models()
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-6, atol=1e-7)
+
+
+def test_predictions_are_reused_only_for_the_same_checkpoint_weights_and_prompt(comfy, model_dirs, monkeypatch):
+    module = comfy.pack.nodes.predict
+    comfy.pack.nodes.prediction_cache.clear()
+    calls = []
+    real = module.predict
+    monkeypatch.setattr(module, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = comfy.tiny_sdxl.build_model(seed=4)
+    make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=4)
+    first, _ = run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=5))
+    again, _ = run_nodes(comfy, model.clone(), "tiny.safetensors", sdxl_conditioning(seed=5))  # equal content
+    assert again is first and len(calls) == 1
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=6))  # another prompt
+    other = comfy.tiny_sdxl.build_model(seed=7)  # another base model of the same shapes
+    run_nodes(comfy, other, "tiny.safetensors", sdxl_conditioning(seed=5))
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=5), rank=2)  # other options
+    assert len(calls) == 4
