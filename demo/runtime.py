@@ -87,7 +87,8 @@ def prepare_server_root(source: Path, dest: Path) -> Path:
         link.symlink_to(REPO, target_is_directory=True)
     (dest / "custom_nodes" / TINY_MODELS_NODE).write_text(
         '"""Lets ComfyUI detect the tiny SDXL used by the LoFA demo and tests (not needed with real models)."""\n'
-        "import demo.tiny_sdxl\n\ndemo.tiny_sdxl.register()\nNODE_CLASS_MAPPINGS = {}\n"
+        "import demo.tiny_clip_vision\nimport demo.tiny_sdxl\n\ndemo.tiny_sdxl.register()\n"
+        "demo.tiny_clip_vision.register()\nNODE_CLASS_MAPPINGS = {}\n"
     )
     return dest
 

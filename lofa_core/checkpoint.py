@@ -180,6 +180,11 @@ def check_consistency(stage1: HyperNetConfig, stage2: HyperNetConfig | None, cat
                             f"{condition.token_dim}")
         if cfg.pooled_dim != condition.pooled_dim:
             problems.append(f"{label} pooled_dim {cfg.pooled_dim} vs condition {condition.pooled_dim}")
+        if cfg.condition != condition.kind:
+            problems.append(f"{label} encodes {cfg.condition} conditions, the condition spec says {condition.kind}")
+        if condition.kind == "pose" and (cfg.pose_frames, cfg.pose_size) != (condition.frames, condition.frame_size):
+            problems.append(f"{label} takes {cfg.pose_frames} frames of {cfg.pose_size}px, the condition spec says "
+                            f"{condition.frames} of {condition.frame_size}px")
         for t in catalog.targets:
             if problem := cfg.shape_problem(t.out_features, t.in_features):
                 problems.append(f"{label}: {problem} ({t.key})")

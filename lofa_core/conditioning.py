@@ -1,9 +1,15 @@
 """Prompt conditions: what a checkpoint expects and how ComfyUI's tensors are turned into exactly that.
 
-The hypernetwork must see at inference what it saw in training. For WAN the authors fed umT5-XXL tokens
-[512, 4096] zero-padded past the prompt; ComfyUI's WAN CONDITIONING is [max(512, n+1), 4096] with exact zeros
-after the prompt's EOS token. `prepare_condition` strips that padding and pads/truncates to the checkpoint's
-length. SDXL CONDITIONING ([77k, 2048] + pooled [1280]) carries no zero padding and is used as given.
+Three kinds of user prompt (paper Sec. 4):
+
+* text: for WAN the authors fed umT5-XXL tokens [512, 4096] zero-padded past the prompt; ComfyUI's WAN
+  CONDITIONING is [max(512, n+1), 4096] with exact zeros after the EOS token, so `prepare_condition` strips that
+  padding and pads/truncates to the checkpoint's length. SDXL CONDITIONING ([77k, 2048] + pooled [1280]) is
+  used as given.
+* image (a style or face image): one feature of ComfyUI's CLIP_VISION_OUTPUT, chosen by the checkpoint:
+  `penultimate_hidden_states` (default; [257, width] tokens), `last_hidden_state` or the pooled `image_embeds`.
+* pose: a batch of rendered pose frames (ComfyUI IMAGE [T, H, W, 3]); any count and size: resampled uniformly
+  in time to the checkpoint's frame count, letterboxed to a square (black bars) and resized.
 """
 
 from __future__ import annotations
@@ -22,6 +28,13 @@ from .errors import ConditionError
 log = logging.getLogger(__name__)
 
 KIND_TEXT = "text"
+KIND_IMAGE = "image"
+KIND_POSE = "pose"
+KINDS = (KIND_TEXT, KIND_IMAGE, KIND_POSE)
+IMAGE_FEATURES = ("penultimate_hidden_states", "last_hidden_state", "image_embeds")
+CLIP_VISION_NAMES = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14"}
+CLIP_PROJECTION_NAMES = {768: "CLIP ViT-L/14", 1024: "CLIP ViT-H/14", 1280: "CLIP ViT-bigG/14"}
+MAX_POSE_FRAMES = 256
 
 
 @dataclass(frozen=True)
@@ -34,13 +47,26 @@ class ConditionSpec:
     strip_zero_padding: bool = True  # treat all-zero trailing rows as padding (umT5 in ComfyUI)
     pooled_dim: int = 0  # a pooled vector is required when > 0 (SDXL: 1280)
     encoder: str = "umT5-XXL (WAN 2.1 text encoder)"
+    image_feature: str = ""  # image: which CLIP_VISION_OUTPUT field (IMAGE_FEATURES)
+    frames: int = 0  # pose: frames the encoder takes
+    frame_size: int = 0  # pose: frames are letterboxed and resized to frame_size x frame_size
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping) -> ConditionSpec:
-        return cls(**dict(data))
+        spec = cls(**dict(data))
+        if spec.kind not in KINDS:
+            raise ValueError(f"unknown condition kind {spec.kind!r}; this ComfyUI-LoFA knows {KINDS}")
+        return spec
+
+    def describe(self) -> str:
+        if self.kind == KIND_IMAGE:
+            return f"an image condition ({self.image_feature} of {self.encoder}, {self.token_dim} wide)"
+        if self.kind == KIND_POSE:
+            return f"a pose condition ({self.frames} frames at {self.frame_size}x{self.frame_size})"
+        return f"a text condition ({self.encoder})"
 
 
 WAN_TEXT = ConditionSpec()
@@ -49,17 +75,92 @@ SDXL_TEXT = ConditionSpec(token_dim=2048, length=None, strip_zero_padding=False,
 DEFAULT_FOR_FAMILY = {"wan2.1-t2v": WAN_TEXT, "sdxl": SDXL_TEXT}
 
 
+def image_spec(width: int, feature: str = "penultimate_hidden_states", name: str | None = None) -> ConditionSpec:
+    """Spec of an image condition read from CLIP_VISION_OUTPUT.`feature` (`width` wide)."""
+    if feature not in IMAGE_FEATURES:
+        raise ValueError(f"image feature must be one of {IMAGE_FEATURES}, not {feature!r}")
+    names = CLIP_PROJECTION_NAMES if feature == "image_embeds" else CLIP_VISION_NAMES
+    return ConditionSpec(kind=KIND_IMAGE, token_dim=width, length=None, strip_zero_padding=False,
+                         encoder=name or names.get(width, f"a CLIP vision model ({width} wide)"),
+                         image_feature=feature)
+
+
+def pose_spec(frames: int = 16, frame_size: int = 64) -> ConditionSpec:
+    return ConditionSpec(kind=KIND_POSE, token_dim=3, length=None, strip_zero_padding=False,
+                         encoder="rendered pose frames (IMAGE batch)", frames=frames, frame_size=frame_size)
+
+
 @dataclass(frozen=True)
 class Condition:
-    """A prepared condition: tokens [L, token_dim] and optional pooled [pooled_dim], float32 on CPU."""
+    """A prepared condition, float32 on CPU: tokens [L, token_dim] (text, image) and optional pooled
+    [pooled_dim], or pose frames [3, T, S, S] in `tokens` with kind "pose"."""
 
     tokens: torch.Tensor
     pooled: torch.Tensor | None
     real_tokens: int  # prompt tokens before padding (for reporting)
+    kind: str = KIND_TEXT
 
+
+def check_kind(spec: ConditionSpec, kind: str) -> None:
+    if kind != spec.kind:
+        raise ConditionError(
+            f"This LoFA checkpoint expects {spec.describe()}, but it was given a {kind} condition. Connect a "
+            f"LoFA {spec.kind.capitalize()} Condition node (or, for text, the CLIP Text Encode output)."
+        )
+
+
+def prepare_image_condition(features: Mapping[str, torch.Tensor], spec: ConditionSpec) -> Condition:
+    """One CLIP_VISION_OUTPUT field -> [L, width] tokens (pooled image_embeds -> one token)."""
+    check_kind(spec, KIND_IMAGE)
+    value = features.get(spec.image_feature) if features is not None else None
+    if value is None:
+        raise ConditionError(f"The CLIP vision output has no {spec.image_feature}; this LoFA checkpoint needs it. "
+                             f"Use ComfyUI's CLIP Vision Encode on {spec.encoder}.")
+    value = value.detach().float().cpu()
+    pooled = spec.image_feature == "image_embeds"
+    value = value.reshape(-1, value.shape[-1]) if pooled else value.reshape(-1, *value.shape[-2:])
+    if value.shape[0] > 1:
+        log.warning("LoFA uses the first of %d encoded images", value.shape[0])
+    tokens = value[:1] if pooled else value[0]  # pooled: one condition token
+    if tokens.shape[-1] != spec.token_dim:
+        names = CLIP_PROJECTION_NAMES if spec.image_feature == "image_embeds" else CLIP_VISION_NAMES
+        found = names.get(tokens.shape[-1], "another CLIP vision model")
+        raise ConditionError(
+            f"This LoFA checkpoint expects {spec.image_feature} {spec.token_dim} wide from {spec.encoder}, but the "
+            f"CLIP vision output is {tokens.shape[-1]} wide ({found}). Load {spec.encoder} in Load CLIP Vision."
+        )
+    if not torch.isfinite(tokens).all():
+        raise ConditionError("The CLIP vision features contain NaN or Inf; re-encode the image.")
+    return Condition(tokens=tokens, pooled=None, real_tokens=tokens.shape[0], kind=KIND_IMAGE)
+
+
+def prepare_pose_condition(images: torch.Tensor, spec: ConditionSpec) -> Condition:
+    """ComfyUI IMAGE [T, H, W, 3] in [0, 1] -> frames [3, spec.frames, S, S] (time-resampled, letterboxed)."""
+    check_kind(spec, KIND_POSE)
+    if images is None or not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (3, 4):
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ConditionError(f"Pose frames must be an IMAGE batch [frames, height, width, 3]; got {shape}. Load "
+                             f"the pose video or frames with a Load Video / Load Image node.")
+    if not 1 <= images.shape[0] <= MAX_POSE_FRAMES:
+        raise ConditionError(f"Pose input has {images.shape[0]} frames; LoFA takes 1 to {MAX_POSE_FRAMES} (they are "
+                             f"resampled to {spec.frames}). Trim the video.")
+    frames = images[..., :3].detach().float().cpu().clamp(0, 1)
+    if not torch.isfinite(frames).all():
+        raise ConditionError("The pose frames contain NaN or Inf.")
+    index = torch.linspace(0, frames.shape[0] - 1, spec.frames).round().long()
+    frames = frames[index].permute(0, 3, 1, 2)  # [T, 3, H, W]
+    h, w = frames.shape[-2:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    frames = F.pad(frames, (left, side - w - left, top, side - h - top))
+    frames = F.interpolate(frames, size=(spec.frame_size, spec.frame_size), mode="bilinear", antialias=True,
+                           align_corners=False)
+    return Condition(tokens=frames.permute(1, 0, 2, 3).contiguous(), pooled=None, real_tokens=spec.frames,
+                     kind=KIND_POSE)
 
 def prepare_condition(tokens: torch.Tensor, pooled: torch.Tensor | None, spec: ConditionSpec) -> Condition:
     """Validate an encoder's output against `spec` and shape it the way the checkpoint was trained."""
+    check_kind(spec, KIND_TEXT)
     if tokens is None or not isinstance(tokens, torch.Tensor):
         raise ConditionError("No prompt condition was given. Connect the output of a CLIP Text Encode node.")
     if tokens.dim() == 3:
@@ -136,3 +237,15 @@ def stack_collapsed(conditions: list[Condition]) -> tuple[torch.Tensor, torch.Te
     log_counts = torch.stack([F.pad(c, (0, length - c.shape[0]), value=-math.inf) for _, c in parts])
     pooled = torch.stack([c.pooled for c in conditions]) if conditions[0].pooled is not None else None
     return tokens, log_counts, pooled
+
+
+def prepare_any(spec: ConditionSpec, kind: str, *, tokens: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None, image: Mapping[str, torch.Tensor] | None = None,
+                frames: torch.Tensor | None = None) -> Condition:
+    """Prepare a condition of `kind` for a checkpoint, with a clear error if the checkpoint wants another kind."""
+    check_kind(spec, kind)
+    if kind == KIND_IMAGE:
+        return prepare_image_condition(image, spec)
+    if kind == KIND_POSE:
+        return prepare_pose_condition(frames, spec)
+    return prepare_condition(tokens, pooled, spec)

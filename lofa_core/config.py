@@ -36,8 +36,12 @@ class HyperNetConfig:
     mlp_ratio: float = 4.0
     patch_size: int = 96
     rank: int = 32
-    context_dim: int = 4096  # width of the condition tokens (umT5: 4096, SDXL CLIP L+G: 2048)
+    context_dim: int = 4096  # width of the condition tokens (umT5: 4096, SDXL CLIP L+G: 2048, CLIP vision width)
     pooled_dim: int = 0  # width of an extra pooled condition vector (SDXL: 1280); 0 = none
+    condition: str = "text"  # "text" (linear projection), "image" (MLP) or "pose" (3D convolutions)
+    condition_tokens: int = 1  # image: condition tokens made from each feature vector (pooled image_embeds)
+    pose_frames: int = 16  # pose: frames the 3D-conv encoder takes
+    pose_size: int = 64  # pose: frame size (divisible by 16)
     num_depths: int = 30
     num_types: int = 8
     max_rows: int = 16  # patch-grid rows the positional table covers (ceil(max out / patch))
@@ -86,6 +90,10 @@ class HyperNetConfig:
             out.append("cross_attn_idxs is a Stage-II setting")
         if self.alpha_init <= 0:
             out.append("alpha_init must be positive")
+        if self.condition not in ("text", "image", "pose"):
+            out.append(f"condition must be 'text', 'image' or 'pose', not {self.condition!r}")
+        if self.condition == "pose" and (self.pose_size % 16 or self.pose_frames < 1):
+            out.append("pose_size must be divisible by 16 and pose_frames positive")
         return out
 
     @property

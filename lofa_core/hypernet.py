@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .condition_encoders import ImageProjector, PoseEncoder
 from .config import HEAD_AXIAL, RESPONSE_PATCH, HyperNetConfig
 from .layers import (
     ConditionalBlock,
@@ -61,7 +62,12 @@ class _Trunk(nn.Module):
         self.type_embed = nn.Embedding(cfg.num_types, d)
         nn.init.trunc_normal_(self.depth_embed.weight, std=0.02, a=-2.0, b=2.0)
         nn.init.trunc_normal_(self.type_embed.weight, std=0.02, a=-2.0, b=2.0)
-        self.text_proj = nn.Linear(cfg.context_dim, d)
+        if cfg.condition == "image":
+            self.image_proj = ImageProjector(cfg.context_dim, d, cfg.condition_tokens)
+        elif cfg.condition == "pose":
+            self.pose_encoder = PoseEncoder(d, cfg.pose_frames, cfg.pose_size)
+        else:
+            self.text_proj = nn.Linear(cfg.context_dim, d)
         self.pooled_proj = nn.Linear(cfg.pooled_dim, d) if cfg.pooled_dim else None
         self.blocks = nn.ModuleList(
             ConditionalBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.n_blocks)
@@ -82,8 +88,14 @@ class _Trunk(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------------------------
     def encode_context(self, tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """Condition tokens [Bc, L, context_dim] (+ pooled [Bc, pooled_dim]) -> context [Bc, L(+1), d]."""
-        ctx = self.text_proj(tokens)
+        """Condition [Bc, L, context_dim] (+ pooled [Bc, pooled_dim]), or pose frames [Bc, 3, T, S, S]
+        -> context [Bc, L', d]."""
+        if self.cfg.condition == "image":
+            ctx = self.image_proj(tokens)
+        elif self.cfg.condition == "pose":
+            ctx = self.pose_encoder(tokens)
+        else:
+            ctx = self.text_proj(tokens)
         if self.pooled_proj is not None:
             if pooled is None:
                 raise ValueError("this hypernetwork needs a pooled condition vector")
@@ -270,7 +282,7 @@ class LoFAHypernet(nn.Module):
 
 def check_stage_pair(stage1: HyperNetConfig, stage2: HyperNetConfig) -> None:
     """Stage-II reads Stage-I's tokens and the same condition, so these sizes must agree."""
-    fields = ("d_model", "context_dim", "pooled_dim", "num_depths", "num_types")
+    fields = ("d_model", "context_dim", "pooled_dim", "num_depths", "num_types", "condition")
     bad = [f"{f}: stage1 {getattr(stage1, f)} vs stage2 {getattr(stage2, f)}"
            for f in fields if getattr(stage1, f) != getattr(stage2, f)]
     if bad:

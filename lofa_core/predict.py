@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import LoFACheckpoint
-from .conditioning import Condition, collapse_padding
+from .conditioning import KIND_POSE, Condition, collapse_padding
 from .errors import LoFAError, WeightError
+from .layers import Context, PromptKV
 from .lora_formats import LoRAFactors, PredictedLoRA
 from .response import ResponseMaps, preview_map
 from .targets import Target
@@ -56,12 +57,8 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
     factors: dict[str, LoRAFactors] = {}
     maps, actives, kept = [], [], []
     with torch.no_grad():  # not inference_mode: the LoRA tensors may feed autograd later (training nodes)
-        tokens, log_counts = collapse_padding(condition.tokens)  # the zero padding becomes one weighted key
-        tokens = tokens.unsqueeze(0).to(device=device, dtype=dtype)
-        log_counts = log_counts.unsqueeze(0).to(device=device)
-        pooled = condition.pooled.unsqueeze(0).to(device=device, dtype=dtype) if condition.pooled is not None else None
-        ctx1 = net.stage1.prompt_cache(net.stage1.encode_collapsed(tokens, log_counts, pooled))
-        ctx2 = net.stage2.prompt_cache(net.stage2.encode_collapsed(tokens, log_counts, pooled)) if with_lora else None
+        ctx1 = encode_prompt(net.stage1, condition, device, dtype)
+        ctx2 = encode_prompt(net.stage2, condition, device, dtype) if with_lora else None
         for done, chunk in enumerate(chunks, start=1):
             w = torch.stack([_checked_weight(read_weight(t), t).to(device) for t in chunk])  # W's own dtype
             depth = torch.tensor([t.depth for t in chunk], device=device)
@@ -96,6 +93,17 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
             active_fraction=[actives[i] for i in idx], family=ckpt.catalog.family,
         )
     return Prediction(lora, response)
+
+
+def encode_prompt(stage, condition: Condition, device: torch.device, dtype: torch.dtype) -> list[PromptKV]:
+    """A stage's per-block cross-attention keys/values for one prompt (computed once, reused for every matrix)."""
+    if condition.kind == KIND_POSE:
+        values = stage.encode_context(condition.tokens.unsqueeze(0).to(device=device, dtype=dtype))
+        return stage.prompt_cache(Context(values, None))
+    tokens, log_counts = collapse_padding(condition.tokens)  # a WAN prompt's zero padding becomes one weighted key
+    pooled = condition.pooled.unsqueeze(0).to(device=device, dtype=dtype) if condition.pooled is not None else None
+    return stage.prompt_cache(stage.encode_collapsed(tokens.unsqueeze(0).to(device=device, dtype=dtype),
+                                                     log_counts.unsqueeze(0).to(device=device), pooled))
 
 
 def _checked_weight(w: torch.Tensor, t: Target) -> torch.Tensor:

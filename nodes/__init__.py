@@ -2,6 +2,7 @@
 
 from .apply import LoFAApplyLoRA
 from .comfy_compat import register_model_folder
+from .conditions import LoFAImageCondition, LoFAPoseCondition, LoFATextCondition
 from .loader import LoFAModelLoader
 from .predict import LoFAPredictLoRA
 from .preview import LoFAResponsePreview
@@ -15,6 +16,9 @@ NODE_CLASS_MAPPINGS = {
     "LoFAApplyLoRA": LoFAApplyLoRA,
     "LoFASaveLoRA": LoFASaveLoRA,
     "LoFAResponsePreview": LoFAResponsePreview,
+    "LoFATextCondition": LoFATextCondition,
+    "LoFAImageCondition": LoFAImageCondition,
+    "LoFAPoseCondition": LoFAPoseCondition,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoFAModelLoader": "Load LoFA Model",
@@ -22,4 +26,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoFAApplyLoRA": "LoFA Apply LoRA",
     "LoFASaveLoRA": "LoFA Save LoRA",
     "LoFAResponsePreview": "LoFA Response Map Preview",
+    "LoFATextCondition": "LoFA Text Condition",
+    "LoFAImageCondition": "LoFA Image Condition",
+    "LoFAPoseCondition": "LoFA Pose Condition",
 }

@@ -1,14 +1,18 @@
-"""LoFA Predict LoRA: MODEL + LOFA_MODEL + CONDITIONING -> LORA_MODEL (+ Stage-I response maps)."""
+"""LoFA Predict LoRA: MODEL + LOFA_MODEL + a prompt -> LORA_MODEL (+ Stage-I response maps).
+
+The prompt is a text CONDITIONING (CLIP Text Encode) or a LOFA_CONDITION from the LoFA condition nodes (text,
+image or pose); exactly one of the two is connected.
+"""
 
 from __future__ import annotations
 
-from ..lofa_core.conditioning import prepare_condition
 from ..lofa_core.errors import ConditionError, LoFAError
 from ..lofa_core.lora_formats import PredictedLoRA, to_lora_model
 from ..lofa_core.predict import predict, shape_groups, truncate_rank
 from ..lofa_core.targets import build_catalog, check_compatible, select_targets
 from . import prediction_cache
 from .comfy_compat import Progress, base_weight, intermediate_device, log, model_weight_shapes
+from .conditions import LoFACondition, from_conditioning
 
 CATEGORY = "LoFA"
 TARGET_CHOICES = ["all", "self-attention", "cross-attention"]
@@ -35,25 +39,28 @@ class LoFAPredictLoRA:
                 "model": ("MODEL", {"tooltip": "The base model (WAN 2.1 T2V or SDXL) the LoFA checkpoint was "
                                                "trained for."}),
                 "lofa_model": ("LOFA_MODEL", {"tooltip": "From Load LoFA Model."}),
-                "conditioning": ("CONDITIONING", {"tooltip": "The prompt, from CLIP Text Encode on the base "
-                                                             "model's text encoder. Only the first entry is used."}),
                 "targets": (TARGET_CHOICES, {"default": "all", "tooltip": "Which attention layers get a LoRA."}),
                 "rank": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "0 = the checkpoint's rank; "
                                  "smaller = best low-rank approximation (smaller file, slightly different)."}),
                 "batch_size": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip": "Weight matrices per "
                                        "forward pass. Lower it if the GPU runs out of memory."}),
-            }
+            },
+            "optional": {
+                "conditioning": ("CONDITIONING", {"tooltip": "A text prompt, from CLIP Text Encode on the base "
+                                                             "model's text encoder (first entry used)."}),
+                "condition": ("LOFA_CONDITION", {"tooltip": "Or a prompt from a LoFA Text / Image / Pose Condition "
+                                                            "node."}),
+            },
         }
 
-    def predict(self, model, lofa_model, conditioning, targets, rank, batch_size):
+    def predict(self, model, lofa_model, conditioning=None, targets="all", rank=0, batch_size=8, condition=None):
         ckpt = lofa_model.checkpoint
         model_catalog = build_catalog(model_weight_shapes(model), ckpt.catalog.groups)
         check_compatible(ckpt.catalog, model_catalog, ckpt.name)
         chosen = select_targets(ckpt.catalog, targets)
         if not chosen.targets:
             raise LoFAError(f"No '{targets}' layers are among the targets of '{ckpt.name}'; choose 'all'.")
-        tokens, pooled = _first_condition(conditioning)
-        condition = prepare_condition(tokens, pooled, ckpt.condition)
+        condition = _prompt(conditioning, condition).prepare(ckpt.condition)
 
         def read(t):
             return base_weight(model, t.key)
@@ -81,12 +88,13 @@ class LoFAPredictLoRA:
         return output
 
 
-def _first_condition(conditioning):
-    if not conditioning:
-        raise ConditionError("The CONDITIONING is empty. Connect a CLIP Text Encode node with a prompt.")
-    if len(conditioning) > 1:
+def _prompt(conditioning, condition: LoFACondition | None) -> LoFACondition:
+    if (conditioning is None) == (condition is None):
+        raise ConditionError("Connect exactly one prompt to LoFA Predict LoRA: a text CONDITIONING (CLIP Text "
+                             "Encode) or a LOFA_CONDITION (LoFA Text / Image / Pose Condition).")
+    if condition is not None:
+        return condition
+    if conditioning and len(conditioning) > 1:
         log.warning("LoFA uses the first of %d conditionings (combine prompts before encoding instead).",
                     len(conditioning))
-    entry = conditioning[0]
-    extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-    return entry[0], extra.get("pooled_output")
+    return from_conditioning(conditioning)
