@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build-loras", help="train one LoRA per task group into a LoFA dataset")
     p.add_argument("--config")
     p.add_argument("--set", action="append", default=[])
-    p = sub.add_parser("encode", help="cache prompt embeddings of a dataset")
+    p = sub.add_parser("encode", help="cache prompt embeddings and image features of a dataset")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--text-encoder", required=True)
+    p.add_argument("--text-encoder", help="for prompts: umT5 folder (WAN) or folder with clip_l/, clip_g/ (SDXL)")
+    p.add_argument("--image-encoder", help="for image conditions: a CLIP vision model folder")
     p.add_argument("--family", default="wan2.1-t2v", choices=["wan2.1-t2v", "sdxl"])
     p = sub.add_parser("validate", help="check a dataset against a base model and list every problem")
     p.add_argument("--dataset", required=True)
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", default="wan", choices=["wan", "sdxl"])
     p.add_argument("--base-model", help="SDXL only: the tiny SDXL file to train on")
     p.add_argument("--text-encoder", help="SDXL only: folder with clip_l/ and clip_g/")
+    p.add_argument("--condition", default="text", choices=["text", "image", "pose"],
+                   help="tell the tasks by text (default), a style image or pose frames")
     p.add_argument("--set", action="append", default=[], help="override suite settings, e.g. stage1.steps=100")
     args = parser.parse_args(argv)
 
@@ -63,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_loras(load_config(BuildConfig, args.config, args.set)))
     elif args.command == "encode":
-        from .conditions import encode_dataset, load_text_encoder
+        from .conditions import CLIPVisionFeatures, encode_dataset, load_text_encoder
 
-        cfg = EncodeConfig(dataset=args.dataset, text_encoder=args.text_encoder, family=args.family)
-        changed = encode_dataset(cfg.dataset, load_text_encoder(cfg.text_encoder, cfg.family))
+        cfg = EncodeConfig(dataset=args.dataset, text_encoder=args.text_encoder or "", family=args.family)
+        text = load_text_encoder(cfg.text_encoder, cfg.family) if cfg.text_encoder else None
+        changed = encode_dataset(cfg.dataset, text, CLIPVisionFeatures(args.image_encoder) if args.image_encoder
+                                 else None)
         print(f"encoded; {changed} sample(s) got a new embedding")
     elif args.command == "validate":
         return _validate(args)
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "suite":
         from .suite import run_suite
 
-        report = run_suite(Path(args.workdir), args.family, args.base_model, args.text_encoder, args.set)
+        report = run_suite(Path(args.workdir), args.family, args.base_model, args.text_encoder, args.set,
+                           args.condition)
         print(json.dumps(report, indent=1))
     return 0
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lofa_core.conditioning import Condition, stack_collapsed
+from lofa_core.conditioning import KIND_POSE, Condition, stack_collapsed
 from lofa_core.layers import Context
 from lofa_core.targets import Target
 
@@ -53,26 +53,39 @@ def contexts_for(ctx: Context, sample: torch.Tensor) -> Context:
         index = torch.unique_consecutive(sample)
     else:
         index = sample
-    return Context(ctx.values[index], ctx.log_counts[index])
+    return Context(ctx.values[index], None if ctx.log_counts is None else ctx.log_counts[index])
 
 
 @dataclass
 class Prompts:
-    """The prompts of a batch: collapsed tokens for the hypernetwork, full tokens for the base model."""
+    """The prompts of a batch: the LoFA conditions for the hypernetwork (text/image tokens, collapsed padding;
+    or pose frames) and the captions as the base model reads them (for the diffusion loss)."""
 
-    tokens: torch.Tensor  # [S, L', D] collapsed (padding as one weighted row)
-    log_counts: torch.Tensor  # [S, L']
+    tokens: torch.Tensor  # [S, L', D] collapsed tokens, or pose frames [S, 3, T, H, W]
+    log_counts: torch.Tensor | None  # [S, L'] (None for pose frames)
     pooled: torch.Tensor | None  # [S, P]
-    full: torch.Tensor  # [S, L, D] as the base model reads them
+    caption: torch.Tensor  # [S, L, D] caption tokens for the base model
+    caption_pooled: torch.Tensor | None
 
     def encode(self, net) -> Context:
+        if self.log_counts is None:
+            return Context(net.encode_context(self.tokens, self.pooled), None)
         return net.encode_collapsed(self.tokens, self.log_counts, self.pooled)
 
 
-def batch_prompts(conditions: list[Condition], device: torch.device) -> Prompts:
-    lengths = {c.tokens.shape[0] for c in conditions}
+def batch_prompts(conditions: list[Condition], device: torch.device,
+                  captions: list[Condition] | None = None) -> Prompts:
+    """Stack a batch's conditions (and captions; default: the conditions themselves, for text)."""
+    captions = captions or conditions
+    lengths = {c.tokens.shape[0] for c in captions}
     if len(lengths) != 1:
-        raise ValueError(f"condition lengths differ within a batch ({sorted(lengths)}); use one token length")
-    tokens, log_counts, pooled = stack_collapsed(conditions)
-    return Prompts(tokens.to(device), log_counts.to(device), pooled.to(device) if pooled is not None else None,
-                   torch.stack([c.tokens for c in conditions]).to(device))
+        raise ValueError(f"caption lengths differ within a batch ({sorted(lengths)}); use one token length")
+    if conditions[0].kind == KIND_POSE:
+        tokens, log_counts = torch.stack([c.tokens for c in conditions]), None
+        pooled = None
+    else:
+        tokens, log_counts, pooled = stack_collapsed(conditions)
+    caption_pooled = torch.stack([c.pooled for c in captions]) if captions[0].pooled is not None else None
+    return Prompts(tokens.to(device), None if log_counts is None else log_counts.to(device),
+                   None if pooled is None else pooled.to(device), torch.stack([c.tokens for c in captions]).to(device),
+                   None if caption_pooled is None else caption_pooled.to(device))

@@ -5,8 +5,14 @@
 * SDXL: CLIP-L and CLIP-G penultimate hidden states (no final LayerNorm) over 77 tokens, concatenated to
   [77, 2048], plus CLIP-G's projected pooled embedding [1280], as ComfyUI's SDXL CLIP gives them.
 
+* Images (style, face): CLIP vision (`CLIPVisionModelWithProjection`) features as ComfyUI's CLIP Vision Encode
+  gives them: `last_hidden_state`, `penultimate_hidden_states` and `image_embeds`, after the usual CLIP
+  preprocessing (shorter side resized to the model's size, bicubic with antialiasing, centre crop, 8-bit levels,
+  CLIP mean/std).
+
 Encoders load from local folders with transformers (`local_files_only`): nothing is downloaded. A cache file
-`conditions/<hash>.safetensors` holds "tokens" [n, D] (and "pooled"); identical prompts share one file.
+`conditions/<hash>.safetensors` holds "tokens" [n, D] (and "pooled") for a prompt, or the three image features
+for an image; identical inputs share one file.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lofa_core.fileio import save_safetensors
+from lofa_core.fileio import publish_new_file, save_safetensors
 
 from .dataset import metadata_path, read_records
 
@@ -66,6 +72,73 @@ class SDXLClipTextEncoder:
         return tokens.float().cpu(), out_g.text_embeds[0].float().cpu()
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
+    """IMAGE-layout [B, H, W, 3] in [0, 1] -> normalised CLIP pixels [B, 3, size, size] (centre crop)."""
+    x = image[..., :3].movedim(-1, 1).float()
+    if x.shape[-2:] != (size, size):
+        scale = size / min(x.shape[-2:])
+        x = torch.nn.functional.interpolate(x, size=(round(scale * x.shape[-2]), round(scale * x.shape[-1])),
+                                            mode="bicubic", antialias=True)
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    x = (x * 255).clamp(0, 255).round() / 255
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class CLIPVisionFeatures:
+    """A CLIP vision model from a local transformers folder, giving ComfyUI's CLIP_VISION_OUTPUT fields."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
+        from transformers import CLIPVisionModelWithProjection
+
+        self.name = f"clip-vision:{Path(folder).name}"
+        self.model = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True,
+                                                                   dtype=torch.float32).to(device).eval()
+        self.size = self.model.config.image_size
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[H, W, 3] or [1, H, W, 3] in [0, 1] -> {last_hidden_state [L, W], penultimate_hidden_states [L, W],
+        image_embeds [P]}."""
+        pixels = clip_pixels(image.reshape(-1, *image.shape[-3:])[:1], self.size).to(self.device)
+        out = self.model(pixel_values=pixels, output_hidden_states=True)
+        return {"last_hidden_state": out.last_hidden_state[0].float().cpu(),
+                "penultimate_hidden_states": out.hidden_states[-2][0].float().cpu(),
+                "image_embeds": out.image_embeds[0].float().cpu()}
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file as ComfyUI's IMAGE layout [H, W, 3] in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def encode_images(encoder: CLIPVisionFeatures, paths: Iterable[Path], cache_dir: Path) -> dict[Path, Path]:
+    """Encode each distinct image once into `cache_dir`; returns image path -> cache file."""
+    out = {}
+    for path in dict.fromkeys(paths):
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        target = cache_dir / cache_name(encoder.name, digest)
+        if not target.exists():
+            try:
+                save_safetensors(encoder.encode(load_image(path)), target, {"image": Path(path).name,
+                                                                            "encoder": encoder.name})
+            except FileExistsError:
+                pass
+        out[path] = target
+    return out
+
+
 def load_text_encoder(folder: str | Path, family: str, device: str | torch.device = "cpu"):
     if family == "sdxl":
         return SDXLClipTextEncoder(folder, device)
@@ -94,19 +167,36 @@ def encode_prompts(encoder, prompts: Iterable[str], cache_dir: Path) -> dict[str
     return out
 
 
-def encode_dataset(folder: str | Path, encoder) -> int:
-    """Fill in `condition.embedding` for every text sample with a prompt; rewrites the metadata atomically."""
+def encode_dataset(folder: str | Path, encoder=None, image_encoder: CLIPVisionFeatures | None = None) -> int:
+    """Fill in cached embeddings: text conditions and captions (prompt -> embedding) with `encoder`, image
+    conditions (image -> embedding) with `image_encoder`. Blocks already encoded are kept when no encoder of
+    their kind is given. Rewrites the metadata atomically."""
     folder = Path(folder)
     records = read_records(folder)
-    prompts = [r["condition"]["prompt"] for r in records if (r.get("condition") or {}).get("prompt")]
-    files = encode_prompts(encoder, prompts, folder / "conditions")
+    texts = [block for r in records for block in (r.get("condition"), r.get("caption"))
+             if block and block.get("prompt") and block.get("kind", "text") == "text"]
+    images = [r["condition"] for r in records if (r.get("condition") or {}).get("kind") == "image"]
+    if encoder is None:
+        texts = [b for b in texts if not b.get("embedding")]
+    if image_encoder is None:
+        images = [b for b in images if not b.get("embedding")]
+    if texts and encoder is None:
+        raise SystemExit("the dataset has prompts without embeddings: give --text-encoder")
+    if images and image_encoder is None:
+        raise SystemExit("the dataset has image conditions: give --image-encoder (a CLIP vision model folder)")
     changed = 0
-    for rec in records:
-        cond = rec.get("condition") or {}
-        if cond.get("prompt"):
-            rel = str(files[cond["prompt"]].relative_to(folder))
-            changed += cond.get("embedding") != rel
-            cond["embedding"] = rel
+    if texts:
+        files = encode_prompts(encoder, [b["prompt"] for b in texts], folder / "conditions")
+        for block in texts:
+            rel = str(files[block["prompt"]].relative_to(folder))
+            changed += block.get("embedding") != rel
+            block["embedding"] = rel
+    if images:
+        files = encode_images(image_encoder, [folder / b["image"] for b in images], folder / "conditions")
+        for block in images:
+            rel = str(files[folder / block["image"]].relative_to(folder))
+            changed += block.get("embedding") != rel
+            block["embedding"] = rel
     write_metadata(folder, records)
     return changed
 
@@ -116,6 +206,4 @@ def write_metadata(folder: Path, records: list[dict]) -> Path:
         else folder / "metadata.jsonl"
     text = (json.dumps(records, indent=1) if path.suffix == ".json"
             else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    from lofa_core.fileio import publish_new_file
-
     return publish_new_file(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)

@@ -54,6 +54,9 @@ class RunConfig:
     log_every: int = 10
     tau: float = 0.02
     target_groups: list[str] = field(default_factory=lambda: ["attn"])
+    image_feature: str = "penultimate_hidden_states"  # image conditions: which CLIP vision output to use
+    pose_frames: int = 16  # pose conditions: frames and frame size the pose encoder takes
+    pose_size: int = 64
     optim: OptimConfig = field(default_factory=OptimConfig)
     hypernet: HypernetSizes = field(default_factory=HypernetSizes)
 

@@ -6,9 +6,12 @@ One record per LoRA sample:
      "condition": {"kind": "text", "prompt": "a man jumps ...", "embedding": "conditions/jump_01.safetensors"},
      "group": "jump", "split": "train", "latents": "latents/jump.safetensors"}
 
-`condition.kind` is "text" today; image and pose conditions will add their own fields (`image`, `frames`).
-`embedding` is written by `python -m training encode`. `latents` (needed by the Stage-II diffusion loss)
-holds a tensor "latents" [N, C, ...]. The authors' layout is read too: `file_name` (LoRA) and `input_emb` (a
+`condition.kind` is "text", "image" ({"kind": "image", "image": "images/x.png", "embedding": ...}: a style or
+face image; `embedding` holds its CLIP vision features) or "pose" ({"kind": "pose", "frames": "poses/x.safetensors"
+or a folder of frame images}: rendered pose frames). `embedding` is written by `python -m training encode`.
+`caption` ({"prompt", "embedding"}) is the text the base model sees in the diffusion loss; for text conditions it
+defaults to the condition itself. `latents` (needed by the Stage-II diffusion loss) holds a tensor "latents"
+[N, C, ...]. The authors' layout is read too: `file_name` (LoRA) and `input_emb` (a
 weights-only `.pth` with `prompt_emb` and optional `latents`). LoRA files may use any common naming and rank.
 `validate` lists every problem of every sample at once, before any training starts.
 """
@@ -25,14 +28,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lofa_core.conditioning import Condition, ConditionSpec, prepare_condition
+from lofa_core.conditioning import (
+    Condition,
+    ConditionSpec,
+    prepare_condition,
+    prepare_image_condition,
+    prepare_pose_condition,
+)
 from lofa_core.errors import LoFAError
 from lofa_core.fileio import load_torch_weights_only
 from lofa_core.lora_formats import LoRAFactors, read_lora_state_dict
 from lofa_core.targets import TargetCatalog
 
 SPLITS = ("train", "val", "test")
-CONDITION_KINDS = ("text",)
+CONDITION_KINDS = ("text", "image", "pose")
 
 
 class DatasetError(LoFAError):
@@ -48,7 +57,9 @@ class Sample:
     split: str
     latents: Path | None
     line: int
-    embedding: Path | None = None  # cached condition tokens (resolved `condition.embedding`)
+    embedding: Path | None = None  # cached condition tokens / image features (resolved `condition.embedding`)
+    frames: Path | None = None  # pose frames (resolved `condition.frames`)
+    caption: Path | None = None  # text embedding the base model sees in the diffusion loss
     extra: dict = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -86,10 +97,13 @@ def read_samples(folder: str | Path) -> list[Sample]:
         latents = rec.get("latents") or (rec.get("input_emb") if "input_emb" in rec else None)
         sample_id = str(rec.get("id") or (Path(lora).stem if lora else f"record_{line}"))
         embedding = condition.get("embedding")
+        caption = (rec.get("caption") or {}).get("embedding") or (embedding if condition["kind"] == "text" else None)
+        frames = condition.get("frames")
         samples.append(Sample(
             id=sample_id, lora=folder / lora if lora else None, condition=condition, group=rec.get("group"),
             split=str(rec.get("split", "train")), latents=folder / latents if latents else None, line=line,
-            embedding=folder / embedding if embedding else None,
+            embedding=folder / embedding if embedding else None, frames=folder / frames if frames else None,
+            caption=folder / caption if caption else None,
             extra={k: v for k, v in rec.items() if k not in ("id", "lora", "file_name", "condition", "group",
                                                                "split", "latents", "input_emb")}))
     return samples
@@ -122,8 +136,18 @@ def load_latents(path: Path) -> torch.Tensor:
     return latents
 
 
+def load_frames(path: Path) -> torch.Tensor:
+    """Pose frames [T, H, W, 3] in [0, 1] from a .safetensors ("frames") or a folder of frame images."""
+    if path.is_dir():
+        from .conditions import load_image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        return torch.stack([load_image(p) for p in files])
+    return load_file(str(path))["frames"].float()
+
+
 def validate(samples: Sequence[Sample], catalog: TargetCatalog, spec: ConditionSpec, *, need_latents: bool = False,
-             latent_channels: int | None = None) -> list[str]:
+             latent_channels: int | None = None, caption_spec: ConditionSpec | None = None) -> list[str]:
     """Every problem of every sample, as sentences; empty when the dataset is usable."""
     problems = []
     seen: dict[str, int] = {}
@@ -139,6 +163,8 @@ def validate(samples: Sequence[Sample], catalog: TargetCatalog, spec: ConditionS
         problems.extend(f"{where}: {p}" for p in _condition_problems(s, spec))
         if need_latents:
             problems.extend(f"{where}: {p}" for p in _latent_problems(s, latent_channels))
+            if caption_spec is not None:
+                problems.extend(f"{where}: {p}" for p in _caption_problems(s, caption_spec))
     return problems
 
 
@@ -171,18 +197,38 @@ def _lora_problems(s: Sample, targets: dict) -> list[str]:
 def _condition_problems(s: Sample, spec: ConditionSpec) -> list[str]:
     kind = s.condition.get("kind")
     if kind not in CONDITION_KINDS or kind != spec.kind:
-        return [f"condition kind {kind!r} is not supported here (expected {spec.kind!r})"]
-    if s.embedding is None:
-        if s.condition.get("prompt"):
-            return ["the prompt has no cached embedding: run `python -m training encode` first"]
-        return ["the condition has neither a prompt nor an embedding"]
-    if not s.embedding.exists():
-        return [f"condition embedding {s.embedding.name} is missing (run `python -m training encode`)"]
+        return [f"condition kind {kind!r} does not fit {spec.describe()}"]
     try:
-        tokens, pooled = load_embedding(s.embedding)
-        prepare_condition(tokens, pooled, spec)
+        if kind == "pose":
+            if s.frames is None or not s.frames.exists():
+                return [f"pose frames {s.condition.get('frames')!r} are missing"]
+            prepare_pose_condition(load_frames(s.frames), spec)
+            return []
+        if s.embedding is None:
+            if s.condition.get("prompt") or s.condition.get("image"):
+                return ["the condition has no cached embedding: run `python -m training encode` first"]
+            return ["the condition has neither a prompt/image nor an embedding"]
+        if not s.embedding.exists():
+            return [f"condition embedding {s.embedding.name} is missing (run `python -m training encode`)"]
+        if kind == "image":
+            prepare_image_condition(load_file(str(s.embedding)), spec)
+        else:
+            prepare_condition(*load_embedding(s.embedding), spec)
     except (LoFAError, SafetensorError, OSError, KeyError, RuntimeError) as err:
-        return [f"condition embedding {s.embedding.name} is unusable: {err}"]
+        return [f"condition {s.embedding.name if s.embedding else s.frames} is unusable: {err}"]
+    return []
+
+
+def _caption_problems(s: Sample, spec: ConditionSpec) -> list[str]:
+    if s.caption is None:
+        return ["no caption for the diffusion loss: add 'caption': {'prompt': ...} and run `python -m training "
+                "encode`"]
+    if not s.caption.exists():
+        return [f"caption embedding {s.caption.name} is missing (run `python -m training encode`)"]
+    try:
+        prepare_condition(*load_embedding(s.caption), spec)
+    except (LoFAError, SafetensorError, OSError, KeyError, RuntimeError) as err:
+        return [f"caption embedding {s.caption.name} is unusable: {err}"]
     return []
 
 
@@ -204,13 +250,15 @@ class SampleStore:
     """Lazily loaded LoRA factors, conditions and latents per sample (with a small cache of LoRAs)."""
 
     def __init__(self, folder: str | Path, samples: Sequence[Sample], catalog: TargetCatalog,
-                 spec: ConditionSpec, cache_size: int = 64) -> None:
+                 spec: ConditionSpec, cache_size: int = 64, caption_spec: ConditionSpec | None = None) -> None:
         self.folder = Path(folder)
         self.samples = list(samples)
         self.by_id = {s.id: s for s in self.samples}
         self.catalog = catalog
         self.targets = catalog.by_path()
         self.spec = spec
+        self.caption_spec = caption_spec or spec
+        self._captions: dict[str, Condition] = {}
         self._loras: OrderedDict[str, dict[str, LoRAFactors]] = OrderedDict()
         self._conditions: dict[str, Condition] = {}
         self._latents: dict[str, torch.Tensor] = {}
@@ -234,10 +282,23 @@ class SampleStore:
         return self.factors(sample)[path].delta()
 
     def condition(self, sample: Sample) -> Condition:
+        """The LoFA prompt of a sample, shaped for the hypernetwork (text tokens, image features or frames)."""
         if sample.id not in self._conditions:
-            tokens, pooled = load_embedding(sample.embedding)
-            self._conditions[sample.id] = prepare_condition(tokens, pooled, self.spec)
+            kind = self.spec.kind
+            if kind == "pose":
+                cond = prepare_pose_condition(load_frames(sample.frames), self.spec)
+            elif kind == "image":
+                cond = prepare_image_condition(load_file(str(sample.embedding)), self.spec)
+            else:
+                cond = prepare_condition(*load_embedding(sample.embedding), self.spec)
+            self._conditions[sample.id] = cond
         return self._conditions[sample.id]
+
+    def caption(self, sample: Sample) -> Condition:
+        """The text the base model sees for this sample in the diffusion loss."""
+        if sample.id not in self._captions:
+            self._captions[sample.id] = prepare_condition(*load_embedding(sample.caption), self.caption_spec)
+        return self._captions[sample.id]
 
     def latents(self, sample: Sample) -> torch.Tensor:
         if sample.id not in self._latents:
@@ -246,10 +307,11 @@ class SampleStore:
 
 
 def check_dataset(folder: str | Path, catalog: TargetCatalog, spec: ConditionSpec, *, need_latents: bool = False,
-                  latent_channels: int | None = None) -> list[Sample]:
+                  latent_channels: int | None = None, caption_spec: ConditionSpec | None = None) -> list[Sample]:
     """Read and validate; raise one DatasetError naming every bad sample."""
     samples = read_samples(folder)
-    problems = validate(samples, catalog, spec, need_latents=need_latents, latent_channels=latent_channels)
+    problems = validate(samples, catalog, spec, need_latents=need_latents, latent_channels=latent_channels,
+                        caption_spec=caption_spec)
     if problems:
         listing = "\n  - ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50
                                                   else "")

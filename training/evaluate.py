@@ -116,7 +116,7 @@ def diffusion_losses(base: BaseModel, store: SampleStore, sample: Sample, predic
                      count: int) -> dict[str, float]:
     """Base-model diffusion loss on the sample's latents: predicted LoRA, ground-truth LoRA, no LoRA."""
     latents = store.latents(sample)[:count]
-    cond = store.condition(sample)
+    cond = store.caption(sample)
     tokens = cond.tokens.unsqueeze(0).expand(len(latents), -1, -1).to(base.device)
     pooled = cond.pooled.unsqueeze(0).expand(len(latents), -1).to(base.device) if cond.pooled is not None else None
 

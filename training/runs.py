@@ -7,15 +7,16 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lofa_core.checkpoint import LoFACheckpoint, load_checkpoint, save_checkpoint
-from lofa_core.conditioning import DEFAULT_FOR_FAMILY, ConditionSpec
+from lofa_core.conditioning import DEFAULT_FOR_FAMILY, ConditionSpec, image_spec, pose_spec
 from lofa_core.hypernet import LoFAHypernet, Stage1Net, Stage2Net
 from lofa_core.targets import TargetCatalog, build_catalog, check_compatible, strip_model_prefix
 
 from .base_models import load_base_model, load_target_weights
 from .config import RunConfig, Stage1Config, Stage2Config
-from .dataset import SampleStore, check_dataset
+from .dataset import DatasetError, SampleStore, check_dataset, read_samples
 from .evaluate import evaluate_stage1, evaluate_stage2, training_means
 from .stage1 import Stage1Objective, build_stage1, stage1_batch
 from .stage2 import Frozen, Stage2Objective, build_stage2, stage2_batch, typical_scale
@@ -36,6 +37,23 @@ def latent_channels(shapes: dict[str, tuple[int, ...]], family: str) -> int:
     return shapes[key][1]
 
 
+def dataset_spec(cfg: RunConfig, samples: list, family: str) -> ConditionSpec:
+    """The condition a new checkpoint takes, from the dataset's condition kind and the run's settings."""
+    kinds = {s.condition.get("kind", "text") for s in samples}
+    if len(kinds) != 1:
+        raise DatasetError(f"{cfg.dataset} mixes condition kinds {sorted(kinds)}; one LoFA model takes one kind.")
+    kind = kinds.pop()
+    if kind == "pose":
+        return pose_spec(cfg.pose_frames, cfg.pose_size)
+    if kind == "image":
+        first = next((s.embedding for s in samples if s.embedding is not None and s.embedding.exists()), None)
+        if first is None:
+            raise DatasetError(f"{cfg.dataset}: image conditions have no cached features; run `python -m training "
+                               f"encode --image-encoder ...` first.")
+        return image_spec(load_file(str(first))[cfg.image_feature].shape[-1], cfg.image_feature)
+    return DEFAULT_FOR_FAMILY[family]
+
+
 class Data:
     """Dataset, target weights and split of a run, validated up front."""
 
@@ -45,10 +63,12 @@ class Data:
         if catalog is not None:
             check_compatible(catalog, base_cat, "the Stage-I checkpoint")
         self.catalog = catalog or base_cat
-        self.spec = spec or DEFAULT_FOR_FAMILY[self.catalog.family]
+        self.spec = spec or dataset_spec(cfg, read_samples(cfg.dataset), self.catalog.family)
+        caption_spec = DEFAULT_FOR_FAMILY[self.catalog.family]
         samples = check_dataset(cfg.dataset, self.catalog, self.spec, need_latents=need_latents,
-                                latent_channels=latent_channels(shapes, self.catalog.family))
-        self.store = SampleStore(cfg.dataset, samples, self.catalog, self.spec)
+                                latent_channels=latent_channels(shapes, self.catalog.family),
+                                caption_spec=caption_spec)
+        self.store = SampleStore(cfg.dataset, samples, self.catalog, self.spec, caption_spec=caption_spec)
         self.train = self.store.split("train")
         self.held_out = self.store.split("val") or self.store.split("test")
         self.weights = load_target_weights(cfg.base_model, self.catalog)

@@ -12,6 +12,7 @@ from torch import nn
 
 from lofa_core.conditioning import ConditionSpec
 from lofa_core.config import RESPONSE_PATCH, RESPONSE_SOFTPLUS_TAU, axial_config_for
+from lofa_core.factory import condition_sizes
 from lofa_core.hypernet import Stage1Net
 from lofa_core.response import response_map
 from lofa_core.targets import TargetCatalog
@@ -48,8 +49,8 @@ def build_stage1(cfg: Stage1Config, catalog: TargetCatalog, spec: ConditionSpec)
     sizes = {k: v for k, v in vars(cfg.hypernet).items() if v is not None and k != "cross_attn_idxs"}
     response = {"patch": RESPONSE_PATCH, "softplus_tau": RESPONSE_SOFTPLUS_TAU}[cfg.response]
     config = axial_config_for(sorted({t.shape for t in catalog.targets}), stage=1, num_depths=catalog.num_depths,
-                              num_types=len(catalog.type_names), context_dim=spec.token_dim,
-                              pooled_dim=spec.pooled_dim, response=response, tau=cfg.tau, **sizes)
+                              num_types=len(catalog.type_names), **condition_sizes(spec), response=response,
+                              tau=cfg.tau, **sizes)
     net = Stage1Net(config)
     net.gradient_checkpointing = cfg.gradient_checkpointing
     return net

@@ -43,7 +43,7 @@ class Stage2Objective(nn.Module):
                 gen: torch.Generator) -> dict:
         cfg = self.cfg
         ctx = prompts.encode(self.net)
-        samples = prompts.full.shape[0]
+        samples = prompts.tokens.shape[0]
         factors: dict[str, list] = {}
         recon, wp, matrices = 0.0, 0.0, 0
         scale = 1.0
@@ -69,7 +69,7 @@ class Stage2Objective(nn.Module):
         if cfg.lambda_diff:
             stacked = {p: tuple(torch.stack(parts) for parts in zip(*per_sample)) for p, per_sample in factors.items()}
             with inject(self.frozen.base.modules, stacked):
-                diff = self.frozen.base.diffusion_loss(latents, prompts.full, prompts.pooled, gen)
+                diff = self.frozen.base.diffusion_loss(latents, prompts.caption, prompts.caption_pooled, gen)
             losses["diffusion"] = diff
             total = total + cfg.lambda_diff * diff
         losses["loss"] = total
@@ -105,7 +105,8 @@ def stage2_batch(store: SampleStore, train: list, weights: dict[str, torch.Tenso
         for t in targets:
             items.append((si, t))
             deltas.append(store.delta(sample, t.path))
-    prompts = batch_prompts([store.condition(s) for s in chosen], device)
+    prompts = batch_prompts([store.condition(s) for s in chosen], device,
+                            [store.caption(s) for s in chosen] if cfg.lambda_diff else None)
     groups = make_groups(items, weights, device, {"delta": deltas})
     with torch.no_grad():
         ctx1 = prompts.encode(frozen.stage1)

@@ -26,6 +26,9 @@ DEFAULTS = {
     "stage2": {"steps": 600, "batch_size": 2, "hypernet": HYPERNET, "eval_every": 300, "save_every": 200,
                "log_every": 25, "optim": {"lr": 1e-3, "warmup_steps": 30, "schedule": "cosine"},
                "recon_normalize": True},
+    # image / pose variants: the assertion is on Stage-II; a shorter Stage-I guides it well enough
+    "image": {"stage1": {"steps": 400}, "stage2": {"steps": 600}},
+    "pose": {"stage1": {"steps": 400, "pose_frames": 8, "pose_size": 32}, "stage2": {"steps": 600}},
 }
 
 
@@ -70,7 +73,8 @@ def _mark(folder: Path, config: dict) -> None:
 
 
 def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None, text_encoder: str | None = None,
-              overrides: list[str] | None = None) -> dict:
+              overrides: list[str] | None = None, condition: str = "text") -> dict:
+    """`condition` "image" or "pose" trains on the same tasks told by a style image or pose frames."""
     settings = suite_settings(overrides, family)
     workdir.mkdir(parents=True, exist_ok=True)
     if family == "wan":
@@ -84,13 +88,18 @@ def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None,
     dataset = workdir / "dataset"
     build = _build(BuildConfig, {**settings["build"], "tasks": str(tasks), "base_model": base_model,
                                  "text_encoder": text_encoder, "out": str(dataset)}, "suite")
-    common = {"dataset": str(dataset), "base_model": base_model}
-    s1 = _build(Stage1Config, {**settings["stage1"], **common, "out": str(workdir / "stage1")}, "suite")
-    s2 = _build(Stage2Config, {**settings["stage2"], **common, "out": str(workdir / "stage2"),
-                               "stage1": str(workdir / "stage1")}, "suite")
+    suffix = "" if condition == "text" else f"_{condition}"
+    train_set = dataset if condition == "text" else workdir / f"dataset{suffix}"
+    common = {"dataset": str(train_set), "base_model": base_model}
+    variant = settings.get(condition, {})
+    s1 = _build(Stage1Config, _merge({**settings["stage1"], **common, "out": str(workdir / f"stage1{suffix}")},
+                                     variant.get("stage1", {})), "suite")
+    s2 = _build(Stage2Config, _merge({**settings["stage2"], **common, "out": str(workdir / f"stage2{suffix}"),
+                                      "stage1": str(workdir / f"stage1{suffix}")}, variant.get("stage2", {})),
+                "suite")
     configs = workdir / "configs"
     configs.mkdir(exist_ok=True)
-    for name, cfg in (("build", build), ("stage1", s1), ("stage2", s2)):
+    for name, cfg in (("build", build), (f"stage1{suffix}", s1), (f"stage2{suffix}", s2)):
         (configs / f"{name}.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     if not _cached(dataset, dataset / "metadata.jsonl", to_dict(build)):
@@ -98,7 +107,10 @@ def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None,
 
         build_loras(build)
         _mark(dataset, to_dict(build))
-    stage1_key = {"build": to_dict(build), "stage1": to_dict(s1)}
+    if condition != "text":
+        image_encoder = synthetic.make_tiny_clip_vision(workdir / "image_encoder") if condition == "image" else None
+        synthetic.make_condition_dataset(dataset, condition, train_set, image_encoder)
+    stage1_key = {"build": to_dict(build), "stage1": to_dict(s1), "condition": condition}
     if not _cached(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key):
         run_stage1(s1, resume=True)
         _mark(Path(s1.out), stage1_key)

@@ -139,3 +139,93 @@ def make_tiny_umt5(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(str(folder))
     fast.save_pretrained(str(folder))
     return folder
+
+
+# -- image and pose variants of the suite: the same tasks, told by a picture or a pose sequence ---------------
+COLORS = {"pale": (0.72, 0.80, 0.95), "vivid": (0.95, 0.22, 0.10)}
+
+
+def parse_group(group: str) -> tuple[str, str, int]:
+    palette, pattern, third = group.split("_")
+    return palette, pattern, int(third)
+
+
+def render_style_image(palette: str, pattern: str, third: int, size: int = 64) -> torch.Tensor:
+    """A 'style image' [size, size, 3] in [0, 1] showing the task: its pattern, in its palette's colour,
+    plain / hatched / inverted for the third word."""
+    m = (_pattern(pattern, size, 0.0) + 1) / 2
+    if third == 1:
+        y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        m = m * (0.55 + 0.45 * (((x + y) // 4) % 2))
+    elif third == 2:
+        m = 1 - m
+    color = torch.tensor(COLORS[palette])
+    return (m.unsqueeze(-1) * color).clamp(0, 1)
+
+
+def render_pose_frames(palette: str, pattern: str, third: int, frames: int = 8, size: int = 32) -> torch.Tensor:
+    """Rendered 'pose' frames [frames, size, size, 3]: a limb from the centre whose start angle follows the
+    pattern, whose motion follows the third word (still / turning / swinging) and whose thickness the palette."""
+    angle0 = PATTERNS.index(pattern) * 2 * math.pi / len(PATTERNS)
+    width = 1.2 if palette == "pale" else 3.0
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                          indexing="ij")
+    c = (size - 1) / 2
+    out = []
+    for f in range(frames):
+        angle = angle0 + {0: 0.0, 1: f * math.pi / 8, 2: (math.pi / 4) * (-1) ** f}[third]
+        ex, ey = c + 0.42 * size * math.cos(angle), c + 0.42 * size * math.sin(angle)
+        px, py = x - c, y - c
+        dx, dy = ex - c, ey - c
+        t = ((px * dx + py * dy) / (dx * dx + dy * dy)).clamp(0, 1)
+        dist = ((px - t * dx) ** 2 + (py - t * dy) ** 2).sqrt()
+        out.append((dist <= width).float().unsqueeze(-1).expand(-1, -1, 3))
+    return torch.stack(out)
+
+
+def make_tiny_clip_vision(folder: Path, seed: int = 0) -> Path:
+    """A tiny randomly initialised CLIP vision model (with projection) in a local transformers folder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=224, patch_size=32, projection_dim=32, hidden_act="quick_gelu")
+    folder.mkdir(parents=True, exist_ok=True)
+    CLIPVisionModelWithProjection(config).save_pretrained(str(folder))
+    return folder
+
+
+def make_condition_dataset(text_dataset: Path, kind: str, out: Path, image_encoder: Path | None = None) -> Path:
+    """The text suite's LoRAs and latents, with image or pose conditions (captions stay the task prompts)."""
+    from PIL import Image
+
+    from .conditions import CLIPVisionFeatures, encode_dataset, write_metadata
+    from .dataset import read_records
+
+    out.mkdir(parents=True, exist_ok=True)
+    rel = Path("..") / text_dataset.name
+    records = []
+    for rec in read_records(text_dataset):
+        palette, pattern, third = parse_group(rec["group"])
+        if kind == "image":
+            path = out / "images" / f"{rec['group']}.png"
+            if not path.exists():
+                path.parent.mkdir(exist_ok=True)
+                pixels = (render_style_image(palette, pattern, third) * 255).round().byte().numpy()
+                Image.fromarray(pixels).save(path)
+            condition = {"kind": "image", "image": f"images/{rec['group']}.png"}
+        else:
+            path = out / "poses" / f"{rec['group']}.safetensors"
+            if not path.exists():
+                save_safetensors({"frames": render_pose_frames(palette, pattern, third)}, path)
+            condition = {"kind": "pose", "frames": f"poses/{rec['group']}.safetensors"}
+        records.append({"id": rec["id"], "lora": str(rel / rec["lora"]), "latents": str(rel / rec["latents"]),
+                        "group": rec["group"], "split": rec["split"], "condition": condition,
+                        "caption": {"kind": "text", "prompt": rec["condition"]["prompt"],
+                                    "embedding": str(rel / rec["condition"]["embedding"])}})
+    write_metadata(out, records)
+    if kind == "image":
+        encode_dataset(out, None, CLIPVisionFeatures(image_encoder))
+    return out
