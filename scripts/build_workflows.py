@@ -126,7 +126,89 @@ def wan_graph() -> tuple[dict, dict]:
     return g, layout
 
 
-WORKFLOWS = {"lofa_sdxl": (sdxl_graph, SDXL_NOTE), "lofa_wan21_t2v": (wan_graph, WAN_NOTE)}
+WAN_MODELS = """- models/diffusion_models: wan2.1_t2v_1.3B_fp16.safetensors
+- models/text_encoders: umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- models/vae: wan_2.1_vae.safetensors"""
+
+POSE_NOTE = f"""# LoFA pose-guided human action video (WAN 2.1 T2V): a motion LoRA from a pose sequence
+
+Models (put them here):
+{WAN_MODELS}
+- models/lofa: a pose-conditioned LoFA checkpoint for WAN 2.1 T2V 1.3B (python -m training with pose conditions)
+- input/: the pose video (rendered 2D skeletons on black, e.g. from a pose-estimator node or DWPose output)
+
+Load Video + Get Video Components give the frames; LoFA Pose Condition resamples them in time and letterboxes
+them to the checkpoint's frame size; the text prompt still describes the scene. Needs ComfyUI 2025 or later."""
+
+STYLE_NOTE = f"""# LoFA text-to-video stylisation (WAN 2.1 T2V): a style LoRA from one image
+
+Models (put them here):
+{WAN_MODELS}
+- models/clip_vision: clip_vision_vit_l.safetensors (the CLIP ViT-L/14 vision model the checkpoint was trained with)
+- models/lofa: a style-image LoFA checkpoint for WAN 2.1 T2V 1.3B (python -m training with image conditions)
+- input/: the style image
+
+CLIP Vision Encode turns the style image into features; LoFA Image Condition hands them to LoFA Predict LoRA,
+which checks they are the feature and width the checkpoint expects. Needs ComfyUI 2025 or later."""
+
+IDENTITY_NOTE = """# LoFA identity-personalised image generation (SDXL): a LoRA of a face from one photo
+
+Models (put them here):
+- models/checkpoints: an SDXL base checkpoint, e.g. sd_xl_base_1.0.safetensors
+- models/clip_vision: clip_vision_vit_l.safetensors (CLIP ViT-L/14 vision, as the checkpoint was trained with)
+- models/lofa: an identity LoFA checkpoint for SDXL (python -m training with image conditions)
+- input/: a clear, frontal face photo
+
+The prompt then places that person in any scene."""
+
+
+def wan_condition_graph(kind: str) -> tuple[dict, dict]:
+    """WAN 2.1 T2V with a pose or style-image prompt for LoFA (the text prompt still drives the video)."""
+    g, layout = wan_graph()
+    g["7"][1]["lofa_name"] = f"lofa_wan21_t2v_1.3B_{kind}.safetensors"
+    del g["8"][1]["conditioning"]
+    g["8"][1]["condition"] = link("19")
+    g["5"][1]["text"] = ("A dancer in a white studio performs the moves, full body, steady camera." if kind == "pose"
+                         else "A lighthouse on a cliff at sunset, waves crashing, cinematic.")
+    if kind == "pose":
+        g |= {"17": ("LoadVideo", {"file": "pose.mp4"}),
+              "18": ("GetVideoComponents", {"video": link("17")}),
+              "19": ("LoFAPoseCondition", {"frames": link("18")})}
+        layout |= {"17": (0, 700, 340, "Pose video"), "18": (380, 700, 300, None), "19": (380, 860, 300, None)}
+    else:
+        g |= {"17": ("LoadImage", {"image": "style.png"}),
+              "20": ("CLIPVisionLoader", {"clip_name": "clip_vision_vit_l.safetensors"}),
+              "21": ("CLIPVisionEncode", {"clip_vision": link("20"), "image": link("17"), "crop": "center"}),
+              "19": ("LoFAImageCondition", {"clip_vision_output": link("21")})}
+        layout |= {"17": (0, 700, 340, "Style image"), "20": (0, 1040, 340, None), "21": (380, 700, 300, None),
+                   "19": (380, 860, 300, None)}
+    return g, layout
+
+
+def sdxl_identity_graph() -> tuple[dict, dict]:
+    g, layout = sdxl_graph()
+    g["4"][1]["lofa_name"] = "lofa_sdxl_identity.safetensors"
+    del g["5"]
+    del layout["5"]
+    del g["6"][1]["conditioning"]
+    g["6"][1]["condition"] = link("17")
+    g["2"][1]["text"] = "a portrait photo of the person as an astronaut, studio light, 85mm"
+    g |= {"15": ("LoadImage", {"image": "face.png"}),
+          "16": ("CLIPVisionLoader", {"clip_name": "clip_vision_vit_l.safetensors"}),
+          "18": ("CLIPVisionEncode", {"clip_vision": link("16"), "image": link("15"), "crop": "center"}),
+          "17": ("LoFAImageCondition", {"clip_vision_output": link("18")})}
+    layout |= {"15": (0, 640, 320, "Face photo"), "16": (0, 1000, 320, None), "18": (360, 640, 300, None),
+               "17": (360, 800, 300, None)}
+    return g, layout
+
+
+WORKFLOWS = {
+    "lofa_sdxl": (sdxl_graph, SDXL_NOTE),
+    "lofa_wan21_t2v": (wan_graph, WAN_NOTE),
+    "lofa_wan21_pose": (lambda: wan_condition_graph("pose"), POSE_NOTE),
+    "lofa_wan21_style": (lambda: wan_condition_graph("style"), STYLE_NOTE),
+    "lofa_sdxl_identity": (sdxl_identity_graph, IDENTITY_NOTE),
+}
 
 
 def to_api(graph: dict, layout: dict) -> dict:
