@@ -16,7 +16,10 @@ pytestmark = pytest.mark.headless
 WORKFLOWS = runtime.REPO / "workflows"
 LOFA_NODES = {"LoFAModelLoader": "Load LoFA Model", "LoFAPredictLoRA": "LoFA Predict LoRA",
               "LoFAApplyLoRA": "LoFA Apply LoRA", "LoFASaveLoRA": "LoFA Save LoRA",
-              "LoFAResponsePreview": "LoFA Response Map Preview"}
+              "LoFAResponsePreview": "LoFA Response Map Preview", "LoFATextCondition": "LoFA Text Condition",
+              "LoFAImageCondition": "LoFA Image Condition", "LoFAPoseCondition": "LoFA Pose Condition"}
+ALL_WORKFLOWS = ["lofa_sdxl", "lofa_wan21_t2v", "lofa_wan21_pose", "lofa_wan21_style", "lofa_sdxl_identity"]
+RUNS_ON_2024 = {"lofa_sdxl", "lofa_sdxl_identity"}
 TINY = {"CheckpointLoaderSimple": {"ckpt_name": "tiny_sdxl.safetensors"},
         "LoFAModelLoader": {"lofa_name": "tiny_lofa.safetensors", "dtype": "float32"},
         "KSampler": {"steps": 2}, "EmptyLatentImage": {"width": 64, "height": 64}}
@@ -27,7 +30,19 @@ def server(comfy, tmp_path_factory):
     base = tmp_path_factory.mktemp("headless")
     root = runtime.prepare_server_root(comfy.root, base / "comfyui")
     comfy.tiny_sdxl.save_checkpoint(root / "models" / "checkpoints" / "tiny_sdxl.safetensors", seed=0)
-    make_checkpoint(comfy, comfy.tiny_sdxl.build_model(seed=0), root / "models" / "lofa" / "tiny_lofa.safetensors")
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, root / "models" / "lofa" / "tiny_lofa.safetensors")
+    from test_conditions import _image_checkpoint
+
+    import demo.tiny_clip_vision as tiny_clip
+
+    tiny_clip.save(tiny_clip.build(seed=1), root / "models" / "clip_vision" / "tiny_clip_vision.safetensors")
+    _image_checkpoint(comfy, model, root / "models" / "lofa" / "tiny_identity.safetensors",
+                      tiny_clip.CONFIG["hidden_size"])
+    from PIL import Image
+
+    (root / "input").mkdir(exist_ok=True)
+    Image.new("RGB", (80, 96), (200, 150, 120)).save(root / "input" / "face.png")
     srv = runtime.Server(root, base / "output", base / "comfyui.log")
     try:
         srv.wait_ready()
@@ -69,6 +84,18 @@ def test_shipped_sdxl_workflow_runs_headless(server):
         assert (server.output_dir / image["subfolder"] / image["filename"]).is_file()
 
 
+def test_shipped_sdxl_identity_workflow_runs_headless(server):
+    graph = json.loads((WORKFLOWS / "api" / "lofa_sdxl_identity.json").read_text())
+    graph = runtime.substitute(graph, {**TINY, "LoFAModelLoader": {"lofa_name": "tiny_identity.safetensors",
+                                                                   "dtype": "float32"},
+                                       "CLIPVisionLoader": {"clip_name": "tiny_clip_vision.safetensors"},
+                                       "LoadImage": {"image": "face.png"}})
+    entry = server.wait_done(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    (lora_rel,) = entry["outputs"]["12"]["lofa_lora"]
+    assert (server.root / "models" / "loras" / lora_rel).is_file()
+
+
 def test_broken_inputs_get_validation_errors_not_a_crash(server):
     missing = runtime.substitute(sdxl_api(), {**TINY, "LoFAModelLoader": {"lofa_name": "no_such.safetensors"}})
     status, body = server.post("/prompt", {"prompt": missing})
@@ -95,12 +122,19 @@ def definition_sets(server, name: str) -> dict[str, dict]:
     recorded = json.loads((runtime.REPO / "tests" / "data" / "object_info_comfyui.json").read_text())["nodes"]
     lofa = {k: v for k, v in live.items() if k in LOFA_NODES}
     sets = {"ComfyUI 2025": {**recorded, **lofa}}
-    if name == "lofa_sdxl":
+    if name in RUNS_ON_2024:
         sets["ComfyUI 2024 (embedded)"] = live
     return sets
 
 
+def is_file_choice(input_name: str) -> bool:
+    """Combo inputs listing files of the machine (models, input images, videos): any name may be right."""
+    return input_name.endswith("_name") or input_name in ("image", "file")
+
+
 def check_api_graph(api: dict, info: dict, label: str) -> None:
+    """Every class exists, every required input is given, every given input is declared (inputs newer ComfyUI
+    added, like CLIPVisionEncode's crop, are ignored by older versions), links carry the declared type."""
     for node_id, node in api.items():
         definition = info.get(node["class_type"])
         assert definition, f"{label}: node {node_id} uses unknown class {node['class_type']}"
@@ -108,16 +142,18 @@ def check_api_graph(api: dict, info: dict, label: str) -> None:
         missing = set(definition["input"].get("required", {})) - set(node["inputs"])
         assert not missing, f"{label}: node {node_id} misses inputs {missing}"
         for input_name, value in node["inputs"].items():
+            if input_name not in declared and "2024" in label and not isinstance(value, list):
+                continue
             assert input_name in declared, f"{label}: {node['class_type']} has no input {input_name}"
             spec = declared[input_name]
             if isinstance(value, list):
                 produced = info[api[value[0]]["class_type"]]["output"][value[1]]
                 assert produced == spec[0], f"{label}: {node_id}.{input_name} gets {produced}, wants {spec[0]}"
-            elif isinstance(spec[0], list) and spec[0] and not input_name.endswith("_name"):
+            elif isinstance(spec[0], list) and spec[0] and not is_file_choice(input_name):
                 assert value in spec[0], f"{label}: {node_id}.{input_name}={value!r} not in {spec[0]}"
 
 
-@pytest.mark.parametrize("name", ["lofa_sdxl", "lofa_wan21_t2v"])
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
 def test_workflows_match_node_definitions(server, name):
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     sets = definition_sets(server, name)

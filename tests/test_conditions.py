@@ -1,0 +1,151 @@
+"""Image and pose prompts next to text: preparation, encoders, checkpoints, nodes, and ComfyUI equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import node
+from test_comfy_sdxl import sdxl_conditioning
+
+from lofa_core.checkpoint import load_checkpoint, save_checkpoint
+from lofa_core.conditioning import (
+    SDXL_TEXT,
+    WAN_TEXT,
+    image_spec,
+    pose_spec,
+    prepare_any,
+    prepare_image_condition,
+    prepare_pose_condition,
+)
+from lofa_core.errors import CheckpointError, ConditionError
+from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.predict import predict
+from lofa_core.targets import build_catalog
+
+
+def test_pose_frames_any_count_and_size_are_resampled_and_letterboxed():
+    spec = pose_spec(frames=8, frame_size=32)
+    video = torch.zeros(20, 48, 96, 3)
+    video[:, :, :, 0] = torch.arange(20).view(20, 1, 1) / 19  # red channel = time
+    cond = prepare_pose_condition(video, spec)
+    assert cond.tokens.shape == (3, 8, 32, 32) and cond.kind == "pose"
+    red = cond.tokens[0, :, 16, 16]
+    assert torch.all(red[1:] >= red[:-1]) and red[0] == 0 and abs(red[-1] - 1) < 1e-3  # first to last frame
+    assert cond.tokens[0, 0, :4].abs().max() < 1e-6, "a 48x96 frame gets black bars above and below"
+    assert cond.tokens[0, 3, 16].min() > 0.1, "the picture itself fills the middle rows"
+    assert prepare_pose_condition(torch.rand(3, 40, 40, 4), spec).tokens.shape == (3, 8, 32, 32)  # RGBA, few
+    with pytest.raises(ConditionError, match="IMAGE batch"):
+        prepare_pose_condition(torch.rand(40, 40, 3), spec)
+    with pytest.raises(ConditionError, match="1 to 256"):
+        prepare_pose_condition(torch.rand(300, 8, 8, 3), spec)
+
+
+def test_image_condition_uses_the_checkpoints_feature_and_checks_the_clip_width():
+    out = {"penultimate_hidden_states": torch.randn(1, 257, 1024), "last_hidden_state": torch.randn(1, 257, 1024),
+           "image_embeds": torch.randn(1, 768)}
+    assert prepare_image_condition(out, image_spec(1024)).tokens.shape == (257, 1024)
+    assert prepare_image_condition(out, image_spec(768, "image_embeds")).tokens.shape == (1, 768)
+    vit_h = {"penultimate_hidden_states": torch.randn(1, 257, 1280)}
+    with pytest.raises(ConditionError, match="1024 wide from CLIP ViT-L/14.*1280 wide \\(CLIP ViT-H/14\\).*Load CLIP"):
+        prepare_image_condition(vit_h, image_spec(1024))
+    with pytest.raises(ConditionError, match="expects an image condition.*given a text condition.*LoFA Image"):
+        prepare_any(image_spec(1024), "text", tokens=torch.randn(1, 77, 2048))
+    with pytest.raises(ConditionError, match="expects a text condition.*given a pose condition"):
+        prepare_any(WAN_TEXT, "pose", frames=torch.rand(4, 8, 8, 3))
+
+
+def _catalog():
+    shapes = {f"blocks.{d}.{a}.{x}.weight": (64, 64) for d in range(2) for a in ("self_attn", "cross_attn")
+              for x in "qkvo"}
+    return build_catalog(shapes | {"head.modulation": (1, 2, 64)})
+
+
+@pytest.mark.parametrize("spec,payload", [
+    (image_spec(48), {"image": {"penultimate_hidden_states": torch.randn(1, 50, 48)}}),
+    (image_spec(32, "image_embeds"), {"image": {"image_embeds": torch.randn(1, 32)}}),
+    (pose_spec(frames=4, frame_size=32), {"frames": torch.rand(10, 40, 30, 3)}),
+])
+def test_image_and_pose_checkpoints_round_trip_and_predict(tmp_path, spec, payload):
+    catalog = _catalog()
+    torch.manual_seed(0)
+    net = randomise_lora_heads_(new_hypernet(catalog, spec, **SMALL), seed=0)
+    path = save_checkpoint(tmp_path / "m.safetensors", net, catalog, spec)
+    ckpt = load_checkpoint(path)
+    assert ckpt.condition == spec and ckpt.net.stage1.cfg.condition == spec.kind
+    encoder = "image_proj" if spec.kind == "image" else "pose_encoder"
+    assert any(k.startswith(f"{encoder}.") for k in ckpt.net.stage1.state_dict())
+    cond = prepare_any(spec, spec.kind, **payload)
+    pred = predict(ckpt, catalog.targets, lambda t: torch.randn(t.shape), cond, device=torch.device("cpu"),
+                   dtype=torch.float32)
+    assert len(pred.lora) == 16 and all(f.delta().abs().max() > 0 for f in pred.lora.factors.values())
+    with pytest.raises(CheckpointError, match="encodes .* conditions, the condition spec says"):
+        save_checkpoint(tmp_path / "bad.safetensors", net, catalog, WAN_TEXT)
+
+
+def _image_checkpoint(comfy, model, path, width):
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
+    catalog = build_catalog(shapes)
+    spec = image_spec(width)
+    torch.manual_seed(1)
+    net = randomise_lora_heads_(new_hypernet(catalog, spec, **SMALL), seed=1)
+    save_checkpoint(path, net, catalog, spec, provenance={"trained": False})
+
+
+def test_image_prompt_through_the_nodes(comfy, model_dirs, tmp_path):
+    import demo.tiny_clip_vision as tiny_clip
+
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    _image_checkpoint(comfy, model, model_dirs.lofa / "face.safetensors", tiny_clip.CONFIG["hidden_size"])
+    (handle,) = node(comfy, "LoFAModelLoader").load("face.safetensors", "float32")
+    clip_vision = tiny_clip.build(seed=2)
+    (encoded,) = comfy.mappings["CLIPVisionEncode"]().encode(clip_vision, torch.rand(1, 96, 80, 3))
+    (condition,) = node(comfy, "LoFAImageCondition").make(encoded)
+    predict_node = node(comfy, "LoFAPredictLoRA")
+    lora, response = predict_node.predict(model, handle, None, "all", 0, 8, condition=condition)
+    assert len(response.maps) == 56 and any(k.endswith("lora_up.weight") for k in lora)
+    errors = comfy.pack.lofa_core.errors
+    (text_condition,) = node(comfy, "LoFATextCondition").make(sdxl_conditioning())
+    with pytest.raises(errors.ConditionError, match="expects an image condition.*given a text condition"):
+        predict_node.predict(model, handle, None, "all", 0, 8, condition=text_condition)
+    with pytest.raises(errors.ConditionError, match="Connect exactly one prompt"):
+        predict_node.predict(model, handle, sdxl_conditioning(), "all", 0, 8, condition=condition)
+    with pytest.raises(errors.ConditionError, match="Connect exactly one prompt"):
+        predict_node.predict(model, handle, None, "all", 0, 8)
+    wide = comfy.pack.nodes.conditions.LoFACondition("image", image={
+        "penultimate_hidden_states": torch.randn(1, 257, 1024)})
+    with pytest.raises(errors.ConditionError, match="1024 wide \\(CLIP ViT-L/14\\)"):
+        predict_node.predict(model, handle, None, "all", 0, 8, condition=wide)
+    (pose,) = node(comfy, "LoFAPoseCondition").make(torch.rand(5, 32, 32, 3))
+    with pytest.raises(errors.ConditionError, match="expects an image condition.*given a pose condition"):
+        predict_node.predict(model, handle, None, "all", 0, 8, condition=pose)
+
+
+def test_text_condition_node_equals_direct_conditioning(comfy, model_dirs):
+    from test_comfy_sdxl import make_checkpoint
+
+    model = comfy.tiny_sdxl.build_model(seed=3)
+    make_checkpoint(comfy, model, model_dirs.lofa / "t.safetensors", seed=3)
+    (handle,) = node(comfy, "LoFAModelLoader").load("t.safetensors", "float32")
+    comfy.pack.nodes.prediction_cache.clear()
+    direct, _ = node(comfy, "LoFAPredictLoRA").predict(model, handle, sdxl_conditioning(seed=9), "all", 0, 8)
+    comfy.pack.nodes.prediction_cache.clear()
+    (condition,) = node(comfy, "LoFATextCondition").make(sdxl_conditioning(seed=9))
+    via_node, _ = node(comfy, "LoFAPredictLoRA").predict(model, handle, None, "all", 0, 8, condition=condition)
+    for key in direct:
+        assert torch.equal(direct[key], via_node[key]), key
+    assert SDXL_TEXT.kind == "text"
+
+
+def test_training_image_features_equal_comfyui_clip_vision_encode(comfy, tmp_path):
+    import demo.tiny_clip_vision as tiny_clip
+    from training.conditions import CLIPVisionFeatures
+
+    clip_vision = tiny_clip.build(seed=4)
+    tiny_clip.save(clip_vision, tmp_path / "tiny_clip_vision.safetensors", tmp_path / "hf")
+    ours = CLIPVisionFeatures(tmp_path / "hf")
+    image = torch.rand(1, 120, 90, 3)
+    (theirs,) = comfy.mappings["CLIPVisionEncode"]().encode(clip_vision, image)
+    features = ours.encode(image)
+    for name in ("last_hidden_state", "penultimate_hidden_states", "image_embeds"):
+        torch.testing.assert_close(features[name], getattr(theirs, name)[0].float(), rtol=2e-3, atol=2e-3,
+                                   msg=name)
