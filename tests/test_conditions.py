@@ -82,6 +82,13 @@ def test_image_and_pose_checkpoints_round_trip_and_predict(tmp_path, spec, paylo
         save_checkpoint(tmp_path / "bad.safetensors", net, catalog, WAN_TEXT)
 
 
+def clip_vision_encode(comfy, clip_vision, image):
+    """ComfyUI's CLIPVisionEncode with center crop (the only behaviour before `crop` became an input in 2025)."""
+    encode_node = comfy.mappings["CLIPVisionEncode"]
+    extra = {"crop": "center"} if "crop" in encode_node.INPUT_TYPES()["required"] else {}
+    return encode_node().encode(clip_vision, image, **extra)
+
+
 def _image_checkpoint(comfy, model, path, width):
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
     catalog = build_catalog(shapes)
@@ -98,7 +105,7 @@ def test_image_prompt_through_the_nodes(comfy, model_dirs, tmp_path):
     _image_checkpoint(comfy, model, model_dirs.lofa / "face.safetensors", tiny_clip.CONFIG["hidden_size"])
     (handle,) = node(comfy, "LoFAModelLoader").load("face.safetensors", "float32")
     clip_vision = tiny_clip.build(seed=2)
-    (encoded,) = comfy.mappings["CLIPVisionEncode"]().encode(clip_vision, torch.rand(1, 96, 80, 3))
+    (encoded,) = clip_vision_encode(comfy, clip_vision, torch.rand(1, 96, 80, 3))
     (condition,) = node(comfy, "LoFAImageCondition").make(encoded)
     predict_node = node(comfy, "LoFAPredictLoRA")
     lora, response = predict_node.predict(model, handle, None, "all", 0, 8, condition=condition)
@@ -144,7 +151,7 @@ def test_training_image_features_equal_comfyui_clip_vision_encode(comfy, tmp_pat
     tiny_clip.save(clip_vision, tmp_path / "tiny_clip_vision.safetensors", tmp_path / "hf")
     ours = CLIPVisionFeatures(tmp_path / "hf")
     image = torch.rand(1, 120, 90, 3)
-    (theirs,) = comfy.mappings["CLIPVisionEncode"]().encode(clip_vision, image)
+    (theirs,) = clip_vision_encode(comfy, clip_vision, image)
     features = ours.encode(image)
     for name in ("last_hidden_state", "penultimate_hidden_states", "image_embeds"):
         torch.testing.assert_close(features[name], getattr(theirs, name)[0].float(), rtol=2e-3, atol=2e-3,
