@@ -40,13 +40,18 @@ def from_conditioning(conditioning) -> LoFACondition:
     return LoFACondition(KIND_TEXT, tokens=entry[0], pooled=extra.get("pooled_output"))
 
 
-class LoFATextCondition:
-    DESCRIPTION = "A text prompt for LoFA, from CLIP Text Encode on the base model's text encoder."
+class _ConditionNode:
+    """What every condition node shares: one LOFA_CONDITION output for LoFA Predict LoRA."""
+
     CATEGORY = CATEGORY
     FUNCTION = "make"
     RETURN_TYPES = ("LOFA_CONDITION",)
     RETURN_NAMES = ("condition",)
     OUTPUT_TOOLTIPS = ("For LoFA Predict LoRA.",)
+
+
+class LoFATextCondition(_ConditionNode):
+    DESCRIPTION = "A text prompt for LoFA, from CLIP Text Encode on the base model's text encoder."
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -57,14 +62,9 @@ class LoFATextCondition:
         return (from_conditioning(conditioning),)
 
 
-class LoFAImageCondition:
+class LoFAImageCondition(_ConditionNode):
     DESCRIPTION = ("A style or face image for LoFA, from CLIP Vision Encode (Load CLIP Vision with the model the "
                    "LoFA checkpoint was trained with, e.g. CLIP ViT-L/14).")
-    CATEGORY = CATEGORY
-    FUNCTION = "make"
-    RETURN_TYPES = ("LOFA_CONDITION",)
-    RETURN_NAMES = ("condition",)
-    OUTPUT_TOOLTIPS = ("For LoFA Predict LoRA.",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -84,15 +84,10 @@ class LoFAImageCondition:
         return (LoFACondition(KIND_IMAGE, image=image),)
 
 
-class LoFAPoseCondition:
+class LoFAPoseCondition(_ConditionNode):
     DESCRIPTION = ("A pose sequence for LoFA: rendered 2D pose frames as an IMAGE batch (from a pose estimator node "
                    "or a loaded pose video). Any frame count and size; resampled and letterboxed to what the "
                    "checkpoint takes.")
-    CATEGORY = CATEGORY
-    FUNCTION = "make"
-    RETURN_TYPES = ("LOFA_CONDITION",)
-    RETURN_NAMES = ("condition",)
-    OUTPUT_TOOLTIPS = ("For LoFA Predict LoRA.",)
 
     @classmethod
     def INPUT_TYPES(cls):
