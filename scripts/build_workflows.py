@@ -162,6 +162,14 @@ Models (put them here):
 The prompt then places that person in any scene."""
 
 
+def image_prompt_nodes(file: str, *, image: str, loader: str, encode: str, condition: str) -> dict:
+    """Load Image -> CLIP Vision Encode (ViT-L, center crop) -> LoFA Image Condition, under the given node ids."""
+    return {image: ("LoadImage", {"image": file}),
+            loader: ("CLIPVisionLoader", {"clip_name": "clip_vision_vit_l.safetensors"}),
+            encode: ("CLIPVisionEncode", {"clip_vision": link(loader), "image": link(image), "crop": "center"}),
+            condition: ("LoFAImageCondition", {"clip_vision_output": link(encode)})}
+
+
 def wan_condition_graph(kind: str) -> tuple[dict, dict]:
     """WAN 2.1 T2V with a pose or style-image prompt for LoFA (the text prompt still drives the video)."""
     g, layout = wan_graph()
@@ -176,10 +184,7 @@ def wan_condition_graph(kind: str) -> tuple[dict, dict]:
               "19": ("LoFAPoseCondition", {"frames": link("18")})}
         layout |= {"17": (0, 700, 340, "Pose video"), "18": (380, 700, 300, None), "19": (380, 860, 300, None)}
     else:
-        g |= {"17": ("LoadImage", {"image": "style.png"}),
-              "20": ("CLIPVisionLoader", {"clip_name": "clip_vision_vit_l.safetensors"}),
-              "21": ("CLIPVisionEncode", {"clip_vision": link("20"), "image": link("17"), "crop": "center"}),
-              "19": ("LoFAImageCondition", {"clip_vision_output": link("21")})}
+        g |= image_prompt_nodes("style.png", image="17", loader="20", encode="21", condition="19")
         layout |= {"17": (0, 700, 340, "Style image"), "20": (0, 1040, 340, None), "21": (380, 700, 300, None),
                    "19": (380, 860, 300, None)}
     return g, layout
@@ -193,10 +198,7 @@ def sdxl_identity_graph() -> tuple[dict, dict]:
     del g["6"][1]["conditioning"]
     g["6"][1]["condition"] = link("17")
     g["2"][1]["text"] = "a portrait photo of the person as an astronaut, studio light, 85mm"
-    g |= {"15": ("LoadImage", {"image": "face.png"}),
-          "16": ("CLIPVisionLoader", {"clip_name": "clip_vision_vit_l.safetensors"}),
-          "18": ("CLIPVisionEncode", {"clip_vision": link("16"), "image": link("15"), "crop": "center"}),
-          "17": ("LoFAImageCondition", {"clip_vision_output": link("18")})}
+    g |= image_prompt_nodes("face.png", image="15", loader="16", encode="18", condition="17")
     layout |= {"15": (0, 640, 320, "Face photo"), "16": (0, 1000, 320, None), "18": (360, 640, 300, None),
                "17": (360, 800, 300, None)}
     return g, layout
