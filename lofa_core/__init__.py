@@ -4,4 +4,4 @@ Pure torch + safetensors (+ einops); importable and testable without ComfyUI. Mo
 the package works both top-level (`import lofa_core`) and inside the ComfyUI node pack.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -256,3 +256,14 @@ def test_save_numbered_never_overwrites_and_leaves_no_temp_files(tmp_path):
 def test_factory_small_network_is_small():
     net = new_hypernet(mixed_catalog(), SDXL_TEXT, **SMALL)
     assert sum(p.numel() for p in net.parameters()) < 2_000_000
+
+
+def test_package_version_matches_pyproject():
+    """The registry publishes pyproject's version; saved LoRAs record lofa_core's: they must be the same."""
+    import re
+    from pathlib import Path
+
+    import lofa_core
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'(?m)^version = "([^"]+)"', text).group(1) == lofa_core.__version__
