@@ -178,6 +178,9 @@ def check_consistency(stage1: HyperNetConfig, stage2: HyperNetConfig | None, cat
         if cfg.context_dim != condition.token_dim:
             problems.append(f"{label} takes {cfg.context_dim}-wide condition tokens, condition spec says "
                             f"{condition.token_dim}")
+        if cfg.context_dim_2 != condition.second_dim:
+            problems.append(f"{label} mixes a second image feature {cfg.context_dim_2} wide, the condition spec "
+                            f"says {condition.second_dim}")
         if cfg.pooled_dim != condition.pooled_dim:
             problems.append(f"{label} pooled_dim {cfg.pooled_dim} vs condition {condition.pooled_dim}")
         if cfg.condition != condition.kind:

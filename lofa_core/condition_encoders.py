@@ -36,6 +36,32 @@ class ImageProjector(nn.Module):
         return self.norm(rearrange(out, "b l (k d) -> b (l k) d", k=self.tokens))
 
 
+class MixedImageProjector(nn.Module):
+    """Two pooled image features -> condition tokens, mixed by a gate (DiffLoRA Sec. 3.4, Mixed Image Features).
+
+    The input token is both features side by side ([B, L, width + width_2]); a linear gate with softmax scores the
+    two branches from that concatenation and the output is the score-weighted sum of each branch's MLP tokens.
+    """
+
+    def __init__(self, width: int, width_2: int, dim: int, tokens: int = 1) -> None:
+        super().__init__()
+        self.width = width
+        self.first = ImageProjector(width, dim, tokens)
+        self.second = ImageProjector(width_2, dim, tokens)
+        self.gate = nn.Linear(width + width_2, 2)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, L, width + width_2] -> branch weights [B, L, 2] (they sum to one)."""
+        return self.gate(features).softmax(dim=-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, L, width + width_2] -> [B, L * tokens, dim]."""
+        scores = self.scores(features).repeat_interleave(self.first.tokens, dim=1)  # one score per output token
+        first = self.first(features[..., :self.width])
+        second = self.second(features[..., self.width:])
+        return scores[..., :1] * first + scores[..., 1:] * second
+
+
 def pose_grid(frames: int, size: int) -> tuple[int, int, int]:
     """(T', H', W') of the pose encoder's output for `frames` frames of size x size."""
     dims = [frames, size, size]

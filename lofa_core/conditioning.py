@@ -8,6 +8,9 @@ Three kinds of user prompt (paper Sec. 4):
   used as given.
 * image (a style or face image): one feature of ComfyUI's CLIP_VISION_OUTPUT, chosen by the checkpoint:
   `penultimate_hidden_states` (default; [257, width] tokens), `last_hidden_state` or the pooled `image_embeds`.
+  A checkpoint may mix a second pooled feature in (DiffLoRA's Mixed Image Features: e.g. a face crop, or the
+  same image through another CLIP model): both are `image_embeds`, concatenated into one condition token that
+  the checkpoint's gate network splits, scores and combines.
 * pose: a batch of rendered pose frames (ComfyUI IMAGE [T, H, W, 3]); any count and size: resampled uniformly
   in time to the checkpoint's frame count, letterboxed to a square (black bars) and resized.
 """
@@ -50,6 +53,8 @@ class ConditionSpec:
     image_feature: str = ""  # image: which CLIP_VISION_OUTPUT field (IMAGE_FEATURES)
     frames: int = 0  # pose: frames the encoder takes
     frame_size: int = 0  # pose: frames are letterboxed and resized to frame_size x frame_size
+    second_dim: int = 0  # image: width of a second pooled image feature mixed in by a gate; 0 = none
+    second_encoder: str = ""  # image: what produces that second feature
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,7 +68,9 @@ class ConditionSpec:
 
     def describe(self) -> str:
         if self.kind == KIND_IMAGE:
-            return f"an image condition ({self.image_feature} of {self.encoder}, {self.token_dim} wide)"
+            mixed = (f", mixed with image_embeds of {self.second_encoder} ({self.second_dim} wide) on "
+                     f"clip_vision_output_2" if self.second_dim else "")
+            return f"an image condition ({self.image_feature} of {self.encoder}, {self.token_dim} wide{mixed})"
         if self.kind == KIND_POSE:
             return f"a pose condition ({self.frames} frames at {self.frame_size}x{self.frame_size})"
         return f"a text condition ({self.encoder})"
@@ -75,14 +82,20 @@ SDXL_TEXT = ConditionSpec(token_dim=2048, length=None, strip_zero_padding=False,
 DEFAULT_FOR_FAMILY = {"wan2.1-t2v": WAN_TEXT, "sdxl": SDXL_TEXT}
 
 
-def image_spec(width: int, feature: str = "penultimate_hidden_states", name: str | None = None) -> ConditionSpec:
-    """Spec of an image condition read from CLIP_VISION_OUTPUT.`feature` (`width` wide)."""
+def image_spec(width: int, feature: str = "penultimate_hidden_states", name: str | None = None,
+               second_dim: int = 0, second_name: str | None = None) -> ConditionSpec:
+    """Spec of an image condition read from CLIP_VISION_OUTPUT.`feature` (`width` wide), optionally mixed with
+    a second CLIP_VISION_OUTPUT's image_embeds (`second_dim` wide; then `feature` must be image_embeds too)."""
     if feature not in IMAGE_FEATURES:
         raise ValueError(f"image feature must be one of {IMAGE_FEATURES}, not {feature!r}")
+    if second_dim and feature != "image_embeds":
+        raise ValueError("mixing two image features works on pooled features: use image_feature='image_embeds'")
     names = CLIP_PROJECTION_NAMES if feature == "image_embeds" else CLIP_VISION_NAMES
+    second = (second_name or CLIP_PROJECTION_NAMES.get(second_dim, f"a CLIP vision model ({second_dim} wide)")
+              if second_dim else "")
     return ConditionSpec(kind=KIND_IMAGE, token_dim=width, length=None, strip_zero_padding=False,
                          encoder=name or names.get(width, f"a CLIP vision model ({width} wide)"),
-                         image_feature=feature)
+                         image_feature=feature, second_dim=second_dim, second_encoder=second)
 
 
 def pose_spec(frames: int = 16, frame_size: int = 64) -> ConditionSpec:
@@ -109,29 +122,47 @@ def check_kind(spec: ConditionSpec, kind: str) -> None:
         )
 
 
-def prepare_image_condition(features: Mapping[str, torch.Tensor], spec: ConditionSpec) -> Condition:
-    """One CLIP_VISION_OUTPUT field -> [L, width] tokens (pooled image_embeds -> one token)."""
+def prepare_image_condition(features: Mapping[str, torch.Tensor], spec: ConditionSpec,
+                            second: Mapping[str, torch.Tensor] | None = None) -> Condition:
+    """One CLIP_VISION_OUTPUT field -> [L, width] tokens (pooled image_embeds -> one token); with a mixing
+    checkpoint, the second output's image_embeds appended to that token ([1, width + second_dim])."""
     check_kind(spec, KIND_IMAGE)
-    value = features.get(spec.image_feature) if features is not None else None
+    tokens = _image_tokens(features, spec.image_feature, spec.token_dim, spec.encoder, "")
+    if spec.second_dim:
+        if second is None:
+            raise ConditionError(f"This LoFA checkpoint mixes two image features: connect a second CLIP Vision "
+                                 f"Encode ({spec.second_encoder}) to clip_vision_output_2 of LoFA Image Condition.")
+        extra = _image_tokens(second, "image_embeds", spec.second_dim, spec.second_encoder, "clip_vision_output_2: ")
+        tokens = torch.cat([tokens, extra], dim=-1)
+    elif second is not None:
+        raise ConditionError("This LoFA checkpoint takes one image feature; disconnect clip_vision_output_2 of "
+                             "LoFA Image Condition.")
+    return Condition(tokens=tokens, pooled=None, real_tokens=tokens.shape[0], kind=KIND_IMAGE)
+
+
+def _image_tokens(features: Mapping[str, torch.Tensor] | None, feature: str, width: int, encoder: str,
+                  where: str) -> torch.Tensor:
+    """One validated feature of a CLIP_VISION_OUTPUT as [L, width] float32 tokens on CPU."""
+    value = features.get(feature) if features is not None else None
     if value is None:
-        raise ConditionError(f"The CLIP vision output has no {spec.image_feature}; this LoFA checkpoint needs it. "
-                             f"Use ComfyUI's CLIP Vision Encode on {spec.encoder}.")
+        raise ConditionError(f"{where}The CLIP vision output has no {feature}; this LoFA checkpoint needs it. "
+                             f"Use ComfyUI's CLIP Vision Encode on {encoder}.")
     value = value.detach().float().cpu()
-    pooled = spec.image_feature == "image_embeds"
+    pooled = feature == "image_embeds"
     value = value.reshape(-1, value.shape[-1]) if pooled else value.reshape(-1, *value.shape[-2:])
     if value.shape[0] > 1:
         log.warning("LoFA uses the first of %d encoded images", value.shape[0])
     tokens = value[:1] if pooled else value[0]  # pooled: one condition token
-    if tokens.shape[-1] != spec.token_dim:
-        names = CLIP_PROJECTION_NAMES if spec.image_feature == "image_embeds" else CLIP_VISION_NAMES
+    if tokens.shape[-1] != width:
+        names = CLIP_PROJECTION_NAMES if pooled else CLIP_VISION_NAMES
         found = names.get(tokens.shape[-1], "another CLIP vision model")
         raise ConditionError(
-            f"This LoFA checkpoint expects {spec.image_feature} {spec.token_dim} wide from {spec.encoder}, but the "
-            f"CLIP vision output is {tokens.shape[-1]} wide ({found}). Load {spec.encoder} in Load CLIP Vision."
+            f"{where}This LoFA checkpoint expects {feature} {width} wide from {encoder}, but the CLIP vision "
+            f"output is {tokens.shape[-1]} wide ({found}). Load {encoder} in Load CLIP Vision."
         )
     if not torch.isfinite(tokens).all():
-        raise ConditionError("The CLIP vision features contain NaN or Inf; re-encode the image.")
-    return Condition(tokens=tokens, pooled=None, real_tokens=tokens.shape[0], kind=KIND_IMAGE)
+        raise ConditionError(f"{where}The CLIP vision features contain NaN or Inf; re-encode the image.")
+    return tokens
 
 
 def prepare_pose_condition(images: torch.Tensor, spec: ConditionSpec) -> Condition:
@@ -241,11 +272,11 @@ def stack_collapsed(conditions: list[Condition]) -> tuple[torch.Tensor, torch.Te
 
 def prepare_any(spec: ConditionSpec, kind: str, *, tokens: torch.Tensor | None = None,
                 pooled: torch.Tensor | None = None, image: Mapping[str, torch.Tensor] | None = None,
-                frames: torch.Tensor | None = None) -> Condition:
+                image_2: Mapping[str, torch.Tensor] | None = None, frames: torch.Tensor | None = None) -> Condition:
     """Prepare a condition of `kind` for a checkpoint, with a clear error if the checkpoint wants another kind."""
     check_kind(spec, kind)
     if kind == KIND_IMAGE:
-        return prepare_image_condition(image, spec)
+        return prepare_image_condition(image, spec, image_2)
     if kind == KIND_POSE:
         return prepare_pose_condition(frames, spec)
     return prepare_condition(tokens, pooled, spec)

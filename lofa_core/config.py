@@ -40,6 +40,7 @@ class HyperNetConfig:
     pooled_dim: int = 0  # width of an extra pooled condition vector (SDXL: 1280); 0 = none
     condition: str = "text"  # "text" (linear projection), "image" (MLP) or "pose" (3D convolutions)
     condition_tokens: int = 1  # image: condition tokens made from each feature vector (pooled image_embeds)
+    context_dim_2: int = 0  # image: width of a second pooled feature mixed in by a gate (DiffLoRA MIF); 0 = none
     pose_frames: int = 16  # pose: frames the 3D-conv encoder takes
     pose_size: int = 64  # pose: frame size (divisible by 16)
     num_depths: int = 30
@@ -92,6 +93,8 @@ class HyperNetConfig:
             out.append("alpha_init must be positive")
         if self.condition not in ("text", "image", "pose"):
             out.append(f"condition must be 'text', 'image' or 'pose', not {self.condition!r}")
+        if self.context_dim_2 and self.condition != "image":
+            out.append("context_dim_2 (a second image feature) needs condition 'image'")
         if self.condition == "pose" and (self.pose_size % 16 or self.pose_frames < 1):
             out.append("pose_size must be divisible by 16 and pose_frames positive")
         return out

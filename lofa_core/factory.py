@@ -28,7 +28,7 @@ def condition_sizes(condition: ConditionSpec) -> dict:
     if condition.kind == "pose":
         sizes |= dict(pose_frames=condition.frames, pose_size=condition.frame_size)
     if condition.kind == "image" and condition.image_feature == "image_embeds":
-        sizes |= dict(condition_tokens=4)
+        sizes |= dict(condition_tokens=4, context_dim_2=condition.second_dim)
     return sizes
 
 

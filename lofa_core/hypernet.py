@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .condition_encoders import ImageProjector, PoseEncoder
+from .condition_encoders import ImageProjector, MixedImageProjector, PoseEncoder
 from .config import HEAD_AXIAL, RESPONSE_PATCH, HyperNetConfig
 from .layers import (
     ConditionalBlock,
@@ -62,7 +62,9 @@ class _Trunk(nn.Module):
         self.type_embed = nn.Embedding(cfg.num_types, d)
         nn.init.trunc_normal_(self.depth_embed.weight, std=0.02, a=-2.0, b=2.0)
         nn.init.trunc_normal_(self.type_embed.weight, std=0.02, a=-2.0, b=2.0)
-        if cfg.condition == "image":
+        if cfg.condition == "image" and cfg.context_dim_2:
+            self.image_proj = MixedImageProjector(cfg.context_dim, cfg.context_dim_2, d, cfg.condition_tokens)
+        elif cfg.condition == "image":
             self.image_proj = ImageProjector(cfg.context_dim, d, cfg.condition_tokens)
         elif cfg.condition == "pose":
             self.pose_encoder = PoseEncoder(d, cfg.pose_frames, cfg.pose_size)
@@ -282,7 +284,7 @@ class LoFAHypernet(nn.Module):
 
 def check_stage_pair(stage1: HyperNetConfig, stage2: HyperNetConfig) -> None:
     """Stage-II reads Stage-I's tokens and the same condition, so these sizes must agree."""
-    fields = ("d_model", "context_dim", "pooled_dim", "num_depths", "num_types", "condition")
+    fields = ("d_model", "context_dim", "context_dim_2", "pooled_dim", "num_depths", "num_types", "condition")
     bad = [f"{f}: stage1 {getattr(stage1, f)} vs stage2 {getattr(stage2, f)}"
            for f in fields if getattr(stage1, f) != getattr(stage2, f)]
     if bad:

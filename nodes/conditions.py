@@ -25,11 +25,12 @@ class LoFACondition:
     tokens: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     image: dict = field(default_factory=dict)
+    image_2: dict | None = None  # a second CLIP_VISION_OUTPUT, for checkpoints that mix two image features
     frames: torch.Tensor | None = None
 
     def prepare(self, spec) -> Condition:
         return prepare_any(spec, self.kind, tokens=self.tokens, pooled=self.pooled, image=self.image,
-                           frames=self.frames)
+                           image_2=self.image_2, frames=self.frames)
 
 
 def from_conditioning(conditioning) -> LoFACondition:
@@ -69,19 +70,28 @@ class LoFAImageCondition(_ConditionNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"clip_vision_output": ("CLIP_VISION_OUTPUT", {
-            "tooltip": "CLIP Vision Encode output of the style or face image."})}}
+                    "tooltip": "CLIP Vision Encode output of the style or face image."})},
+                "optional": {"clip_vision_output_2": ("CLIP_VISION_OUTPUT", {
+                    "tooltip": "Only for LoFA checkpoints that mix two image features (DiffLoRA-style): the "
+                               "second encoding, e.g. of a face crop or from a second CLIP vision model."})}}
 
-    def make(self, clip_vision_output):
-        image = {}
-        for name in IMAGE_FEATURES:
-            value = getattr(clip_vision_output, name, None)
-            if value is None and isinstance(clip_vision_output, dict):
-                value = clip_vision_output.get(name)
-            if isinstance(value, torch.Tensor):
-                image[name] = value
-        if not image:
-            raise ConditionError("The CLIP_VISION_OUTPUT has no image features; connect CLIP Vision Encode.")
-        return (LoFACondition(KIND_IMAGE, image=image),)
+    def make(self, clip_vision_output, clip_vision_output_2=None):
+        second = None if clip_vision_output_2 is None else image_features(clip_vision_output_2)
+        return (LoFACondition(KIND_IMAGE, image=image_features(clip_vision_output), image_2=second),)
+
+
+def image_features(clip_vision_output) -> dict[str, torch.Tensor]:
+    """The feature tensors of a CLIP_VISION_OUTPUT (an object with attributes, or a dict in older ComfyUI)."""
+    image = {}
+    for name in IMAGE_FEATURES:
+        value = getattr(clip_vision_output, name, None)
+        if value is None and isinstance(clip_vision_output, dict):
+            value = clip_vision_output.get(name)
+        if isinstance(value, torch.Tensor):
+            image[name] = value
+    if not image:
+        raise ConditionError("The CLIP_VISION_OUTPUT has no image features; connect CLIP Vision Encode.")
+    return image
 
 
 class LoFAPoseCondition(_ConditionNode):

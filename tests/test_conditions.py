@@ -8,6 +8,7 @@ from conftest import node
 from test_comfy_sdxl import sdxl_conditioning
 
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
+from lofa_core.condition_encoders import MixedImageProjector
 from lofa_core.conditioning import (
     SDXL_TEXT,
     WAN_TEXT,
@@ -64,6 +65,8 @@ def _catalog():
     (image_spec(48), {"image": {"penultimate_hidden_states": torch.randn(1, 50, 48)}}),
     (image_spec(32, "image_embeds"), {"image": {"image_embeds": torch.randn(1, 32)}}),
     (pose_spec(frames=4, frame_size=32), {"frames": torch.rand(10, 40, 30, 3)}),
+    (image_spec(32, "image_embeds", second_dim=24), {"image": {"image_embeds": torch.randn(1, 32)},
+                                                     "image_2": {"image_embeds": torch.randn(1, 24)}}),
 ])
 def test_image_and_pose_checkpoints_round_trip_and_predict(tmp_path, spec, payload):
     catalog = _catalog()
@@ -98,6 +101,28 @@ def _image_checkpoint(comfy, model, path, width):
     save_checkpoint(path, net, catalog, spec, provenance={"trained": False})
 
 
+def test_mixed_image_features_are_a_softmax_gated_sum_of_two_branches(tmp_path):
+    torch.manual_seed(0)
+    mix = MixedImageProjector(8, 6, 16, tokens=2)
+    x = torch.randn(3, 1, 14)
+    torch.testing.assert_close(mix.scores(x).sum(-1), torch.ones(3, 1))
+    out = mix(x)
+    assert out.shape == (3, 2, 16)
+    with torch.no_grad():
+        mix.gate.weight.zero_()
+        mix.gate.bias.copy_(torch.tensor([30.0, -30.0]))
+    torch.testing.assert_close(mix(x), mix.first(x[..., :8]))  # the gate chose the first feature only
+    with torch.no_grad():
+        mix.gate.bias.copy_(torch.tensor([-30.0, 30.0]))
+    torch.testing.assert_close(mix(x), mix.second(x[..., 8:]))
+    catalog = _catalog()
+    net = new_hypernet(catalog, image_spec(32, "image_embeds", second_dim=24), **SMALL)
+    with pytest.raises(CheckpointError, match="mixes a second image feature 24 wide, the condition spec says 0"):
+        save_checkpoint(tmp_path / "bad.safetensors", net, catalog, image_spec(32, "image_embeds"))
+    with pytest.raises(ValueError, match="image_feature='image_embeds'"):
+        image_spec(1024, "penultimate_hidden_states", second_dim=768)
+
+
 def test_image_prompt_through_the_nodes(comfy, model_dirs, tmp_path):
     import demo.tiny_clip_vision as tiny_clip
 
@@ -125,6 +150,44 @@ def test_image_prompt_through_the_nodes(comfy, model_dirs, tmp_path):
     (pose,) = node(comfy, "LoFAPoseCondition").make(torch.rand(5, 32, 32, 3))
     with pytest.raises(errors.ConditionError, match="expects an image condition.*given a pose condition"):
         predict_node.predict(model, handle, None, "all", 0, 8, condition=pose)
+
+
+def test_two_image_features_through_the_nodes(comfy, model_dirs):
+    """A checkpoint that mixes two image features (DiffLoRA MIF) takes a second CLIP Vision Encode output; each
+    missing, extra or wrong-width second input gets an error naming the socket and the fix."""
+    import demo.tiny_clip_vision as tiny_clip
+
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
+    catalog = build_catalog(shapes)
+    width = tiny_clip.CONFIG["projection_dim"]
+    for name, second in (("mix.safetensors", width), ("mix_wide.safetensors", width + 8)):
+        spec = image_spec(width, "image_embeds", second_dim=second)
+        torch.manual_seed(1)
+        net = randomise_lora_heads_(new_hypernet(catalog, spec, **SMALL), seed=1)
+        save_checkpoint(model_dirs.lofa / name, net, catalog, spec, provenance={"trained": False})
+    (handle,) = node(comfy, "LoFAModelLoader").load("mix.safetensors", "float32")
+    assert handle.checkpoint.condition.second_dim == width
+    image = torch.rand(1, 96, 80, 3)
+    (whole,) = clip_vision_encode(comfy, tiny_clip.build(seed=2), image)
+    (face,) = clip_vision_encode(comfy, tiny_clip.build(seed=3), image[:, 20:60, 10:50])
+    condition_node, predict_node = node(comfy, "LoFAImageCondition"), node(comfy, "LoFAPredictLoRA")
+    (mixed,) = condition_node.make(whole, face)
+    lora, _ = predict_node.predict(model, handle, None, "all", 0, 8, condition=mixed)
+    (other,) = condition_node.make(whole, whole)
+    lora_other, _ = predict_node.predict(model, handle, None, "all", 0, 8, condition=other)
+    assert any(not torch.equal(lora[k], lora_other[k]) for k in lora), "the second feature must matter"
+    errors = comfy.pack.lofa_core.errors
+    (single,) = condition_node.make(whole)
+    with pytest.raises(errors.ConditionError, match="mixes two image features: connect a second CLIP Vision Encode"):
+        predict_node.predict(model, handle, None, "all", 0, 8, condition=single)
+    (wide,) = node(comfy, "LoFAModelLoader").load("mix_wide.safetensors", "float32")
+    with pytest.raises(errors.ConditionError, match=f"clip_vision_output_2: .*expects image_embeds {width + 8} wide"):
+        predict_node.predict(model, wide, None, "all", 0, 8, condition=mixed)
+    _image_checkpoint(comfy, model, model_dirs.lofa / "one.safetensors", tiny_clip.CONFIG["hidden_size"])
+    (one,) = node(comfy, "LoFAModelLoader").load("one.safetensors", "float32")
+    with pytest.raises(errors.ConditionError, match="takes one image feature; disconnect clip_vision_output_2"):
+        predict_node.predict(model, one, None, "all", 0, 8, condition=mixed)
 
 
 def test_text_condition_node_equals_direct_conditioning(comfy, model_dirs):
