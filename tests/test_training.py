@@ -160,13 +160,15 @@ def test_bf16_autocast_keeps_float32_master_weights_and_export_cli(suite, tmp_pa
     assert again.returncode == 1 and "exists" in again.stderr
 
 
-@pytest.mark.parametrize("kind", ["image", "pose"])
-def test_image_and_pose_prompts_beat_the_mean_lora_on_held_out_tasks(suite, kind):
-    """The same tasks told by a style image (tiny CLIP vision features) or by rendered pose frames (3D-conv
-    encoder trained with the hypernetwork): held-out predictions beat the mean training LoRA, as for text."""
+@pytest.mark.parametrize("variant", ["image", "pose", "image-mix"])
+def test_image_and_pose_prompts_beat_the_mean_lora_on_held_out_tasks(suite, variant):
+    """The same tasks told by a style image (tiny CLIP vision features), by rendered pose frames (3D-conv
+    encoder trained with the hypernetwork) or by the image through two CLIP vision models mixed by a gate:
+    held-out predictions beat the mean training LoRA, as for text."""
     workdir, _ = suite
-    report = run_suite(workdir, "wan", condition=kind)
+    report = run_suite(workdir, "wan", condition=variant)
     s2 = report["stage2"]
     assert s2["dw_cos"] > s2["mean_lora_dw_cos"], s2
     ckpt = load_checkpoint(report["checkpoint"])
-    assert ckpt.condition.kind == kind and ckpt.trained
+    assert ckpt.condition.kind == variant.split("-")[0] and ckpt.trained
+    assert ckpt.condition.second_dim == (24 if variant == "image-mix" else 0)

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", required=True)
     p.add_argument("--text-encoder", help="for prompts: umT5 folder (WAN) or folder with clip_l/, clip_g/ (SDXL)")
     p.add_argument("--image-encoder", help="for image conditions: a CLIP vision model folder")
+    p.add_argument("--image-encoder-2", help="for models mixing two image features: the second CLIP vision model "
+                   "folder (encodes each condition's image_2, or its image)")
     p.add_argument("--family", default="wan2.1-t2v", choices=["wan2.1-t2v", "sdxl"])
     p = sub.add_parser("validate", help="check a dataset against a base model and list every problem")
     p.add_argument("--dataset", required=True)
@@ -56,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", default="wan", choices=["wan", "sdxl"])
     p.add_argument("--base-model", help="SDXL only: the tiny SDXL file to train on")
     p.add_argument("--text-encoder", help="SDXL only: folder with clip_l/ and clip_g/")
-    p.add_argument("--condition", default="text", choices=["text", "image", "pose"],
-                   help="tell the tasks by text (default), a style image or pose frames")
+    p.add_argument("--condition", default="text", choices=["text", "image", "pose", "image-mix"],
+                   help="tell the tasks by text (default), a style image, pose frames, or a style image through two "
+                        "CLIP vision models mixed by a gate")
     p.add_argument("--set", action="append", default=[], help="override suite settings, e.g. stage1.steps=100")
     args = parser.parse_args(argv)
 
@@ -70,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = EncodeConfig(dataset=args.dataset, text_encoder=args.text_encoder or "", family=args.family)
         text = load_text_encoder(cfg.text_encoder, cfg.family) if cfg.text_encoder else None
-        changed = encode_dataset(cfg.dataset, text, CLIPVisionFeatures(args.image_encoder) if args.image_encoder
-                                 else None)
+        images = [CLIPVisionFeatures(f) if f else None for f in (args.image_encoder, args.image_encoder_2)]
+        changed = encode_dataset(cfg.dataset, text, *images)
         print(f"encoded; {changed} sample(s) got a new embedding")
     elif args.command == "validate":
         return _validate(args)

@@ -29,13 +29,22 @@ from lofa_core.fileio import publish_new_file, save_safetensors
 from .dataset import metadata_path, read_records
 
 
+def encoder_identity(kind: str, folder: str | Path) -> str:
+    """Names an encoder in cache keys: folder name plus its files' names, sizes and modification times, so two
+    models in folders of the same name, or a replaced model, never share cached embeddings."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    stamp = "\n".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return f"{kind}:{folder.name}:{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+
+
 class UMT5TextEncoder:
     """umT5 encoder of WAN 2.1 from a local transformers folder (config, weights, tokenizer)."""
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        self.name = f"umt5:{Path(folder).name}"
+        self.name = encoder_identity("umt5", folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.model = UMT5EncoderModel.from_pretrained(str(folder), local_files_only=True,
                                                       dtype=torch.float32).to(device).eval()
@@ -54,7 +63,7 @@ class SDXLClipTextEncoder:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         folder = Path(folder)
-        self.name = f"sdxl-clip:{folder.name}"
+        self.name = encoder_identity("sdxl-clip", folder)
         self.tok_l = CLIPTokenizer.from_pretrained(str(folder / "clip_l"), local_files_only=True)
         self.tok_g = CLIPTokenizer.from_pretrained(str(folder / "clip_g"), local_files_only=True)
         self.clip_l = CLIPTextModel.from_pretrained(str(folder / "clip_l"), local_files_only=True).to(device).eval()
@@ -97,7 +106,7 @@ class CLIPVisionFeatures:
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import CLIPVisionModelWithProjection
 
-        self.name = f"clip-vision:{Path(folder).name}"
+        self.name = encoder_identity("clip-vision", folder)
         self.model = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True,
                                                                    dtype=torch.float32).to(device).eval()
         self.size = self.model.config.image_size
@@ -167,15 +176,17 @@ def encode_prompts(encoder, prompts: Iterable[str], cache_dir: Path) -> dict[str
     return out
 
 
-def encode_dataset(folder: str | Path, encoder=None, image_encoder: CLIPVisionFeatures | None = None) -> int:
+def encode_dataset(folder: str | Path, encoder=None, image_encoder: CLIPVisionFeatures | None = None,
+                   image_encoder_2: CLIPVisionFeatures | None = None) -> int:
     """Fill in cached embeddings: text conditions and captions (prompt -> embedding) with `encoder`, image
-    conditions (image -> embedding) with `image_encoder`. Blocks already encoded are kept when no encoder of
-    their kind is given. Rewrites the metadata atomically."""
+    conditions (image -> embedding) with `image_encoder` and, for models that mix two image features,
+    (image_2 or image -> embedding_2) with `image_encoder_2`. Blocks already encoded are kept when no encoder
+    of their kind is given. Rewrites the metadata atomically."""
     folder = Path(folder)
     records = read_records(folder)
     texts = [block for r in records for block in (r.get("condition"), r.get("caption"))
              if block and block.get("prompt") and block.get("kind", "text") == "text"]
-    images = [r["condition"] for r in records if (r.get("condition") or {}).get("kind") == "image"]
+    images = all_images = [r["condition"] for r in records if (r.get("condition") or {}).get("kind") == "image"]
     if encoder is None:
         texts = [b for b in texts if not b.get("embedding")]
     if image_encoder is None:
@@ -192,12 +203,23 @@ def encode_dataset(folder: str | Path, encoder=None, image_encoder: CLIPVisionFe
             changed += block.get("embedding") != rel
             block["embedding"] = rel
     if images:
-        files = encode_images(image_encoder, [folder / b["image"] for b in images], folder / "conditions")
-        for block in images:
-            rel = str(files[folder / block["image"]].relative_to(folder))
-            changed += block.get("embedding") != rel
-            block["embedding"] = rel
+        changed += _encode_image_blocks(folder, images, image_encoder, "image", "embedding")
+    if image_encoder_2 is not None:
+        changed += _encode_image_blocks(folder, all_images, image_encoder_2, "image_2", "embedding_2")
     write_metadata(folder, records)
+    return changed
+
+
+def _encode_image_blocks(folder: Path, blocks: list[dict], encoder: CLIPVisionFeatures, source: str,
+                         target: str) -> int:
+    """Encode each block's image (`source`, falling back to "image") into the cache; set `target` to the file."""
+    paths = [folder / block.get(source, block["image"]) for block in blocks]
+    files = encode_images(encoder, paths, folder / "conditions")
+    changed = 0
+    for block, path in zip(blocks, paths):
+        rel = str(files[path].relative_to(folder))
+        changed += block.get(target) != rel
+        block[target] = rel
     return changed
 
 

@@ -7,8 +7,10 @@ One record per LoRA sample:
      "group": "jump", "split": "train", "latents": "latents/jump.safetensors"}
 
 `condition.kind` is "text", "image" ({"kind": "image", "image": "images/x.png", "embedding": ...}: a style or
-face image; `embedding` holds its CLIP vision features) or "pose" ({"kind": "pose", "frames": "poses/x.safetensors"
-or a folder of frame images}: rendered pose frames). `embedding` is written by `python -m training encode`.
+face image; `embedding` holds its CLIP vision features; a model that mixes two image features also needs
+`embedding_2`, the second encoder's features of `image_2` or, without it, of the same image) or "pose"
+({"kind": "pose", "frames": "poses/x.safetensors" or a folder of frame images}: rendered pose frames).
+`embedding` and `embedding_2` are written by `python -m training encode`.
 `caption` ({"prompt", "embedding"}) is the text the base model sees in the diffusion loss; for text conditions it
 defaults to the condition itself. `latents` (needed by the Stage-II diffusion loss) holds a tensor "latents"
 [N, C, ...]. The authors' layout is read too: `file_name` (LoRA) and `input_emb` (a
@@ -58,6 +60,7 @@ class Sample:
     latents: Path | None
     line: int
     embedding: Path | None = None  # cached condition tokens / image features (resolved `condition.embedding`)
+    embedding_2: Path | None = None  # image: the second image feature of a mixing model (`condition.embedding_2`)
     frames: Path | None = None  # pose frames (resolved `condition.frames`)
     caption: Path | None = None  # text embedding the base model sees in the diffusion loss
     extra: dict = field(default_factory=dict)
@@ -96,13 +99,14 @@ def read_samples(folder: str | Path) -> list[Sample]:
         condition.setdefault("kind", "text")
         latents = rec.get("latents") or (rec.get("input_emb") if "input_emb" in rec else None)
         sample_id = str(rec.get("id") or (Path(lora).stem if lora else f"record_{line}"))
-        embedding = condition.get("embedding")
+        embedding, embedding_2 = condition.get("embedding"), condition.get("embedding_2")
         caption = (rec.get("caption") or {}).get("embedding") or (embedding if condition["kind"] == "text" else None)
         frames = condition.get("frames")
         samples.append(Sample(
             id=sample_id, lora=folder / lora if lora else None, condition=condition, group=rec.get("group"),
             split=str(rec.get("split", "train")), latents=folder / latents if latents else None, line=line,
-            embedding=folder / embedding if embedding else None, frames=folder / frames if frames else None,
+            embedding=folder / embedding if embedding else None,
+            embedding_2=folder / embedding_2 if embedding_2 else None, frames=folder / frames if frames else None,
             caption=folder / caption if caption else None,
             extra={k: v for k, v in rec.items() if k not in ("id", "lora", "file_name", "condition", "group",
                                                                "split", "latents", "input_emb")}))
@@ -211,12 +215,21 @@ def _condition_problems(s: Sample, spec: ConditionSpec) -> list[str]:
         if not s.embedding.exists():
             return [f"condition embedding {s.embedding.name} is missing (run `python -m training encode`)"]
         if kind == "image":
-            prepare_image_condition(load_file(str(s.embedding)), spec)
+            if spec.second_dim and (s.embedding_2 is None or not s.embedding_2.exists()):
+                return ["the model mixes two image features but `embedding_2` is missing: run `python -m training "
+                        "encode --image-encoder ... --image-encoder-2 ...`"]
+            image_condition(s, spec)
         else:
             prepare_condition(*load_embedding(s.embedding), spec)
     except (LoFAError, SafetensorError, OSError, KeyError, RuntimeError) as err:
         return [f"condition {s.embedding.name if s.embedding else s.frames} is unusable: {err}"]
     return []
+
+
+def image_condition(s: Sample, spec: ConditionSpec) -> Condition:
+    """A sample's cached CLIP vision features (and the second encoder's, for a mixing model) as a condition."""
+    second = load_file(str(s.embedding_2)) if spec.second_dim else None
+    return prepare_image_condition(load_file(str(s.embedding)), spec, second)
 
 
 def _caption_problems(s: Sample, spec: ConditionSpec) -> list[str]:
@@ -288,7 +301,7 @@ class SampleStore:
             if kind == "pose":
                 cond = prepare_pose_condition(load_frames(sample.frames), self.spec)
             elif kind == "image":
-                cond = prepare_image_condition(load_file(str(sample.embedding)), self.spec)
+                cond = image_condition(sample, self.spec)
             else:
                 cond = prepare_condition(*load_embedding(sample.embedding), self.spec)
             self._conditions[sample.id] = cond

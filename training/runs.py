@@ -50,7 +50,13 @@ def dataset_spec(cfg: RunConfig, samples: list, family: str) -> ConditionSpec:
         if first is None:
             raise DatasetError(f"{cfg.dataset}: image conditions have no cached features; run `python -m training "
                                f"encode --image-encoder ...` first.")
-        return image_spec(load_file(str(first))[cfg.image_feature].shape[-1], cfg.image_feature)
+        second = next((s.embedding_2 for s in samples if s.embedding_2 is not None and s.embedding_2.exists()), None)
+        if second is not None and cfg.image_feature != "image_embeds":
+            raise DatasetError(f"{cfg.dataset} has two image features per sample (embedding_2): mixing them works on "
+                               f"pooled features; set image_feature=image_embeds.")
+        second_dim = load_file(str(second))["image_embeds"].shape[-1] if second is not None else 0
+        return image_spec(load_file(str(first))[cfg.image_feature].shape[-1], cfg.image_feature,
+                          second_dim=second_dim)
     return DEFAULT_FOR_FAMILY[family]
 
 

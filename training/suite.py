@@ -29,6 +29,9 @@ DEFAULTS = {
     # image / pose variants: the assertion is on Stage-II; a shorter Stage-I guides it well enough
     "image": {"stage1": {"steps": 400}, "stage2": {"steps": 600}},
     "pose": {"stage1": {"steps": 400, "pose_frames": 8, "pose_size": 32}, "stage2": {"steps": 600}},
+    # two pooled image features (two CLIP vision models of different widths) mixed by a gate (DiffLoRA MIF)
+    "image-mix": {"stage1": {"steps": 400, "image_feature": "image_embeds"},
+                  "stage2": {"steps": 600, "image_feature": "image_embeds"}},
 }
 
 
@@ -74,7 +77,8 @@ def _mark(folder: Path, config: dict) -> None:
 
 def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None, text_encoder: str | None = None,
               overrides: list[str] | None = None, condition: str = "text") -> dict:
-    """`condition` "image" or "pose" trains on the same tasks told by a style image or pose frames."""
+    """`condition` "image" or "pose" trains on the same tasks told by a style image or pose frames; "image-mix"
+    by the style image seen through two CLIP vision models whose features a gate mixes."""
     settings = suite_settings(overrides, family)
     workdir.mkdir(parents=True, exist_ok=True)
     if family == "wan":
@@ -108,8 +112,13 @@ def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None,
         build_loras(build)
         _mark(dataset, to_dict(build))
     if condition != "text":
-        image_encoder = synthetic.make_tiny_clip_vision(workdir / "image_encoder") if condition == "image" else None
-        synthetic.make_condition_dataset(dataset, condition, train_set, image_encoder)
+        encoders = []
+        if condition.startswith("image"):
+            encoders.append(synthetic.make_tiny_clip_vision(workdir / "image_encoder"))
+        if condition == "image-mix":
+            encoders.append(synthetic.make_tiny_clip_vision(workdir / "image_encoder_2", seed=1, width=48,
+                                                            projection=24))
+        synthetic.make_condition_dataset(dataset, condition.split("-")[0], train_set, *encoders)
     stage1_key = {"build": to_dict(build), "stage1": to_dict(s1), "condition": condition}
     if not _cached(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key):
         run_stage1(s1, resume=True)

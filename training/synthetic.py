@@ -183,22 +183,25 @@ def render_pose_frames(palette: str, pattern: str, third: int, frames: int = 8, 
     return torch.stack(out)
 
 
-def make_tiny_clip_vision(folder: Path, seed: int = 0) -> Path:
+def make_tiny_clip_vision(folder: Path, seed: int = 0, width: int = 64, projection: int = 32) -> Path:
     """A tiny randomly initialised CLIP vision model (with projection) in a local transformers folder."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if (folder / "config.json").exists():
         return folder
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=224, patch_size=32, projection_dim=32, hidden_act="quick_gelu")
+    config = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=224, patch_size=32, projection_dim=projection,
+                              hidden_act="quick_gelu")
     folder.mkdir(parents=True, exist_ok=True)
     CLIPVisionModelWithProjection(config).save_pretrained(str(folder))
     return folder
 
 
-def make_condition_dataset(text_dataset: Path, kind: str, out: Path, image_encoder: Path | None = None) -> Path:
-    """The text suite's LoRAs and latents, with image or pose conditions (captions stay the task prompts)."""
+def make_condition_dataset(text_dataset: Path, kind: str, out: Path, image_encoder: Path | None = None,
+                           image_encoder_2: Path | None = None) -> Path:
+    """The text suite's LoRAs and latents, with image or pose conditions (captions stay the task prompts); with
+    `image_encoder_2` each image also gets the second encoder's features (for a mixing model)."""
     from PIL import Image
 
     from .conditions import CLIPVisionFeatures, encode_dataset, write_metadata
@@ -227,5 +230,6 @@ def make_condition_dataset(text_dataset: Path, kind: str, out: Path, image_encod
                                     "embedding": str(rel / rec["condition"]["embedding"])}})
     write_metadata(out, records)
     if kind == "image":
-        encode_dataset(out, None, CLIPVisionFeatures(image_encoder))
+        encode_dataset(out, None, CLIPVisionFeatures(image_encoder),
+                       CLIPVisionFeatures(image_encoder_2) if image_encoder_2 else None)
     return out
