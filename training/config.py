@@ -12,17 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lofa_core.config import HyperNetConfig
+
 
 @dataclass
 class HypernetSizes:
-    """Size of a new hypernetwork (ignored when Stage-II starts from a Stage-I run, which fixes the trunk)."""
+    """Size of a new hypernetwork (ignored when Stage-II starts from a Stage-I run, which fixes the trunk).
+    Defaults are the model's own (the authors' released size)."""
 
-    d_model: int = 768
-    n_heads: int = 12
-    n_blocks: int = 8
-    patch_size: int = 96
-    rank: int = 32
-    mlp_ratio: float = 4.0
+    d_model: int = HyperNetConfig.d_model
+    n_heads: int = HyperNetConfig.n_heads
+    n_blocks: int = HyperNetConfig.n_blocks
+    patch_size: int = HyperNetConfig.patch_size
+    rank: int = HyperNetConfig.rank
+    mlp_ratio: float = HyperNetConfig.mlp_ratio
     cross_attn_idxs: list[int] | None = None  # Stage-II injection blocks; default: after the middle and last
 
 
