@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -147,3 +148,60 @@ def config_path(name: str):
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent / "training" / "configs" / f"{name}.yaml"
+
+
+def test_collapsed_padding_cross_attention_is_exact(wan_base):
+    """The base model attends to WAN's zero padding as one key (log-count bias): same output as diffusers'
+    own processor on the full [B, 512, 4096] prompts, for prompts of different lengths in one batch."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from training.base_models import as_captions
+
+    path, _ = wan_base
+    base = load_base_model(path)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.zeros(3, 512, 4096)
+    for row, length in enumerate((5, 9, 2)):
+        tokens[row, :length] = torch.randn(length, 4096, generator=gen)
+    x, t = torch.randn(3, 16, 2, 8, 8, generator=gen), torch.tensor([100.0, 500.0, 900.0])
+    captions = as_captions(tokens)
+    assert captions.tokens.shape[1] == 10 and captions.log_padding == pytest.approx(math.log(503))
+    with torch.no_grad():
+        ours = base.forward(x, t, captions)
+        for block in base.model.blocks:
+            block.attn2.set_processor(WanAttnProcessor())
+        stock = base.model(hidden_states=x, timestep=t, encoder_hidden_states=tokens, return_dict=False)[0]
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_pretrained_base_saves_like_its_source(wan_base, tmp_path):
+    """A base model trained further is written with the source file's keys and loads back identically."""
+    path, _ = wan_base
+    base = load_base_model(path)
+    with torch.no_grad():
+        for p in base.model.parameters():
+            p.add_(0.01)
+    out = base.save_like(path, tmp_path / "trained.safetensors")
+    assert load_state_dict(out).keys() == load_state_dict(path).keys()
+    again = load_base_model(out)
+    for key, value in base.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[key], value), key
+
+
+def test_trained_sdxl_base_loads_in_comfyui_with_its_new_weights(comfy, tmp_path):
+    """A tiny SDXL checkpoint trained further in diffusers is written back under ComfyUI's key names (text
+    encoders and VAE kept) and ComfyUI's own checkpoint loader reads exactly the trained UNet weights."""
+    from comfy.sd import load_checkpoint_guess_config
+
+    path = comfy.tiny_sdxl.save_checkpoint(tmp_path / "tiny_sdxl.safetensors", seed=7)
+    base = load_base_model(path)
+    with torch.no_grad():
+        for p in base.model.parameters():
+            p.add_(0.01)
+    out = base.save_like(path, tmp_path / "trained.safetensors")
+    with torch.no_grad():  # as ComfyUI runs its loaders
+        patcher, clip, vae, _ = load_checkpoint_guess_config(str(out), output_vae=True, output_clip=True)
+    assert clip is not None and vae is not None
+    loaded = patcher.model.diffusion_model.state_dict()
+    for key, value in base.comfy_state_dict().items():
+        assert torch.equal(loaded[key].float(), value.float()), key

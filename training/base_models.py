@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lofa_core.families.wan import comfy_to_diffusers_key
+from lofa_core.families.wan import comfy_to_diffusers_key, diffusers_to_comfy_key
 from lofa_core.targets import TargetCatalog, build_catalog, strip_model_prefix
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -43,9 +44,37 @@ class BaseModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def diffusion_loss(self, latents: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None,
-                       generator: torch.Generator, reduce: bool = True) -> torch.Tensor:
+    def diffusion_loss(self, latents: torch.Tensor, tokens: torch.Tensor | Captions,
+                       pooled: torch.Tensor | None, generator: torch.Generator, reduce: bool = True) -> torch.Tensor:
+        """The base model's training loss on `latents` with prompts `tokens` [B, L, D] (+ `pooled` [B, P]) or
+        ready-made Captions (then `pooled` is ignored); per sample if not `reduce`."""
         raise NotImplementedError
+
+    def comfy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The diffusion model's current weights under ComfyUI/original key names (no container prefix)."""
+        raise NotImplementedError
+
+    def save_like(self, source: str | Path, out: str | Path) -> Path:
+        """Write `source` (a base model file) with the diffusion weights replaced by this model's, keeping
+        everything else a full checkpoint holds (text encoders, VAE) and its key prefixes."""
+        from safetensors import safe_open
+
+        from lofa_core.fileio import save_safetensors
+
+        ours = self.comfy_state_dict()
+        tensors, used = {}, set()
+        with safe_open(str(source), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            for key in fh.keys():
+                rel = strip_model_prefix(key)
+                tensors[key] = fh.get_tensor(key)
+                if rel in ours:  # keep the file's dtype
+                    tensors[key] = ours[rel].detach().to(tensors[key].dtype).cpu().contiguous()
+                    used.add(rel)
+        missing = sorted(set(ours) - used)
+        if missing:
+            raise KeyError(f"{Path(source).name} has no place for diffusion weights {missing[:3]}")
+        return save_safetensors(tensors, out, metadata)
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -83,6 +112,73 @@ def wan_config(sd: Mapping[str, torch.Tensor]) -> dict:
                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
 
 
+@dataclass
+class Captions:
+    """A batch of prompts as the base model reads them, with WAN's common zero padding already reduced to one
+    row that stands for exp(log_padding) rows (see CollapsedPaddingCrossAttention): far less memory and work."""
+
+    tokens: torch.Tensor  # [B, L', D]
+    pooled: torch.Tensor | None = None  # [B, P] (SDXL)
+    log_padding: float = 0.0
+
+    def to(self, device: torch.device | str) -> Captions:
+        return Captions(self.tokens.to(device), None if self.pooled is None else self.pooled.to(device),
+                        self.log_padding)
+
+
+def make_captions(tokens: Sequence[torch.Tensor], pooled: Sequence[torch.Tensor] | None = None,
+                  repeat: int = 1) -> Captions:
+    """Captions for prompts [L, D] (equal L), each repeated `repeat` times in a row (one per latent)."""
+    if len({t.shape for t in tokens}) != 1:
+        raise ValueError(f"caption shapes differ within a batch ({sorted({tuple(t.shape) for t in tokens})})")
+    length = tokens[0].shape[0]
+    real = max(_real_rows(t) for t in tokens)
+    log_padding = 0.0
+    if length - real > 1:
+        tokens = [t[: real + 1] for t in tokens]
+        log_padding = math.log(length - real)
+    stacked = torch.stack(list(tokens)).repeat_interleave(repeat, dim=0)
+    pooled_stacked = torch.stack(list(pooled)).repeat_interleave(repeat, dim=0) if pooled is not None else None
+    return Captions(stacked, pooled_stacked, log_padding)
+
+
+def _real_rows(tokens: torch.Tensor) -> int:
+    """Rows up to the last one that is not all zero."""
+    nonzero = (tokens.abs().amax(dim=-1) > 0).nonzero()
+    return int(nonzero[-1]) + 1 if nonzero.numel() else 0
+
+
+def as_captions(tokens: torch.Tensor | Captions, pooled: torch.Tensor | None = None) -> Captions:
+    if isinstance(tokens, Captions):
+        return tokens
+    return make_captions(list(tokens), None if pooled is None else list(pooled))
+
+
+class CollapsedPaddingCrossAttention:
+    """A WAN cross-attention processor for trimmed prompts: the last key/value stands for `log_count` padding rows.
+
+    Same computation as diffusers' WanAttnProcessor for text-only cross-attention (projections, per-token
+    RMS norm of q and k, scaled dot-product attention, output projection), with an additive logit bias; LoRA
+    hooks on to_q/to_k/to_v/to_out fire as usual.
+    """
+
+    def __init__(self) -> None:
+        self.log_count = 0.0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        bias = None
+        if self.log_count:
+            bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)
+            bias[-1] = self.log_count
+            bias = bias.view(1, -1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 class WanBase(BaseModel):
     family = "wan2.1-t2v"
 
@@ -97,6 +193,18 @@ class WanBase(BaseModel):
         self.shift = shift
         self.modules = {t.path: self.model.get_submodule(comfy_to_diffusers_key(t.path + ".weight")[:-7])
                         for t in catalog.targets}
+        self.cross_attention = CollapsedPaddingCrossAttention()  # one shared state: the batch's padding count
+        for block in self.model.blocks:
+            block.attn2.set_processor(self.cross_attention)
+
+    def comfy_state_dict(self) -> dict[str, torch.Tensor]:
+        return {diffusers_to_comfy_key(k): v for k, v in self.model.state_dict().items()}
+
+    def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, captions: Captions) -> torch.Tensor:
+        """The velocity prediction, with the prompts' common zero padding collapsed (exact, much cheaper)."""
+        self.cross_attention.log_count = captions.log_padding
+        return self.model(hidden_states=noisy, timestep=timestep, encoder_hidden_states=captions.tokens,
+                          return_dict=False)[0]
 
     def diffusion_loss(self, latents, tokens, pooled, generator, reduce=True):
         """Rectified-flow (flow matching) loss: x_t = (1 - s) x0 + s eps, target eps - x0, shifted s as WAN."""
@@ -106,8 +214,7 @@ class WanBase(BaseModel):
         s = self.shift * s / (1 + (self.shift - 1) * s)
         view = s.view(-1, *([1] * (x0.dim() - 1)))
         noisy = (1 - view) * x0 + view * eps
-        pred = self.model(hidden_states=noisy, timestep=s * 1000, encoder_hidden_states=tokens.to(x0.device),
-                          return_dict=False)[0]
+        pred = self.forward(noisy, s * 1000, as_captions(tokens, pooled).to(x0.device))
         loss = (pred.float() - (eps - x0)).pow(2).flatten(1).mean(1)
         return loss.mean() if reduce else loss
 
@@ -158,8 +265,9 @@ class SdxlBase(BaseModel):
         prefixed = {"model.diffusion_model." + k: v for k, v in sd.items()}
         converted = convert_ldm_unet_checkpoint(prefixed, config)
         by_tensor = {id(v): k for k, v in sd.items()}
-        diffusers_path = {by_tensor[id(v)][:-len(".weight")]: k[:-len(".weight")]
-                          for k, v in converted.items() if k.endswith(".weight") and id(v) in by_tensor}
+        self.comfy_names = {k: by_tensor[id(v)] for k, v in converted.items() if id(v) in by_tensor}
+        diffusers_path = {c[:-len(".weight")]: d[:-len(".weight")]
+                          for d, c in self.comfy_names.items() if d.endswith(".weight")}
         model = UNet2DConditionModel(**config)
         model.load_state_dict(converted, strict=True)
         self.model = _frozen(model.float())
@@ -167,6 +275,13 @@ class SdxlBase(BaseModel):
         self.modules = {t.path: self.model.get_submodule(diffusers_path[t.path]) for t in catalog.targets}
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+
+    def comfy_state_dict(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        unnamed = sorted(set(state) - set(self.comfy_names))
+        if unnamed:
+            raise KeyError(f"no ComfyUI name known for diffusers UNet tensors {unnamed[:3]}")
+        return {self.comfy_names[k]: v for k, v in state.items()}
 
     def diffusion_loss(self, latents, tokens, pooled, generator, reduce=True):
         """Epsilon-prediction loss on SDXL's scaled-linear DDPM schedule."""
@@ -176,6 +291,8 @@ class SdxlBase(BaseModel):
         abar = self.alphas_cumprod[t].to(x0.device).view(-1, 1, 1, 1)
         noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         time_ids = torch.tensor(self.TIME_IDS, device=x0.device).expand(x0.shape[0], -1)
+        if isinstance(tokens, Captions):
+            tokens, pooled = tokens.tokens, tokens.pooled
         pred = self.model(noisy, t.to(x0.device), encoder_hidden_states=tokens.to(x0.device),
                           added_cond_kwargs={"text_embeds": pooled.to(x0.device), "time_ids": time_ids},
                           return_dict=False)[0]
