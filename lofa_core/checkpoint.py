@@ -49,7 +49,7 @@ def build_metadata(net: LoFAHypernet, catalog: TargetCatalog, condition: Conditi
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "stage1": net.stage1.cfg.to_json(),
+        "stage1": net.stage1.cfg.to_json() if net.stage1 is not None else None,
         "stage2": net.stage2.cfg.to_json() if net.stage2 is not None else None,
         "base_model": catalog.to_json(),
         "condition": condition.to_json(),
@@ -62,7 +62,8 @@ def save_checkpoint(path: str | os.PathLike, net: LoFAHypernet, catalog: TargetC
                     condition: ConditionSpec, tau: float = 0.02, provenance: Mapping | None = None,
                     dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write a checkpoint atomically; refuses to replace an existing file unless `overwrite`."""
-    check_consistency(net.stage1.cfg, net.stage2.cfg if net.stage2 else None, catalog, condition, str(path))
+    check_consistency(net.stage1.cfg if net.stage1 is not None else None, net.stage2.cfg if net.stage2 else None,
+                      catalog, condition, str(path))
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                for k, v in net.state_dict().items()}
     meta = build_metadata(net, catalog, condition, tau, provenance)
@@ -105,11 +106,11 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     name = Path(path).name
     meta = read_metadata(path)
     try:
-        stage1 = HyperNetConfig.from_json(meta["stage1"])
+        stage1 = HyperNetConfig.from_json(meta["stage1"]) if meta.get("stage1") else None
         stage2 = HyperNetConfig.from_json(meta["stage2"]) if meta.get("stage2") else None
         catalog = TargetCatalog.from_json(meta["base_model"])
         condition = ConditionSpec.from_json(meta["condition"])
-        tau = float(meta.get("tau", stage1.tau))
+        tau = float(meta.get("tau", (stage1 or stage2).tau))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"'{name}': the LoFA metadata is incomplete or invalid ({err}).") from err
     check_consistency(stage1, stage2, catalog, condition, name)
@@ -163,7 +164,7 @@ def _read_tensors(path: str | os.PathLike, name: str, expected: Mapping[str, tup
         raise CheckpointError(f"'{name}' could not be read ({err}); it may be truncated. Copy it again.") from err
 
 
-def check_consistency(stage1: HyperNetConfig, stage2: HyperNetConfig | None, catalog: TargetCatalog,
+def check_consistency(stage1: HyperNetConfig | None, stage2: HyperNetConfig | None, catalog: TargetCatalog,
                       condition: ConditionSpec, name: str) -> None:
     """Configs, target list and condition must describe one usable model."""
     problems = []
@@ -192,8 +193,10 @@ def check_consistency(stage1: HyperNetConfig, stage2: HyperNetConfig | None, cat
             if problem := cfg.shape_problem(t.out_features, t.in_features):
                 problems.append(f"{label}: {problem} ({t.key})")
                 break
-    if stage1.stage != 1 or (stage2 is not None and stage2.stage != 2):
+    if (stage1 is not None and stage1.stage != 1) or (stage2 is not None and stage2.stage != 2):
         problems.append("stage configs are swapped or mislabelled")
+    if stage1 is None and stage2 is None:
+        problems.append("it holds neither Stage-I nor Stage-II")
     if not catalog.targets:
         problems.append("the target list is empty")
     if problems:

@@ -147,8 +147,8 @@ def axial_config_for(catalog_shapes: list[tuple[int, int]], *, num_depths: int, 
     base = dict(stage=stage, head=HEAD_AXIAL, patch_size=patch, max_rows=rows, max_cols=cols,
                 num_depths=num_depths, num_types=num_types, response=RESPONSE_PATCH, alpha_init=1.0)
     if stage == 2:
-        base["cross_attn_idxs"] = sizes.pop("cross_attn_idxs", None) or default_injection(
-            int(sizes.get("n_blocks", 8)))
+        chosen = sizes.pop("cross_attn_idxs", None)  # None: the paper's default; () : no Stage-I features
+        base["cross_attn_idxs"] = default_injection(int(sizes.get("n_blocks", 8))) if chosen is None else chosen
     base.update(sizes)
     if stage == 1:
         base.pop("cross_attn_idxs", None)

@@ -256,30 +256,48 @@ class Stage2Net(_Trunk):
 
 
 class LoFAHypernet(nn.Module):
-    """Both stages in one module, so ComfyUI's model management can load and offload them together."""
+    """Both stages in one module, so ComfyUI's model management can load and offload them together.
 
-    def __init__(self, stage1: HyperNetConfig, stage2: HyperNetConfig | None) -> None:
+    `stage1` is None only for a single-stage model (the paper's "w/o res." ablation): a Stage-II that reads no
+    Stage-I features.
+    """
+
+    def __init__(self, stage1: HyperNetConfig | None, stage2: HyperNetConfig | None) -> None:
         super().__init__()
-        if stage2 is not None:
-            check_stage_pair(stage1, stage2)
-        self.stage1 = Stage1Net(stage1)
+        check_stages(stage1, stage2)
+        self.stage1 = Stage1Net(stage1) if stage1 is not None else None
         self.stage2 = Stage2Net(stage2) if stage2 is not None else None
 
     @classmethod
-    def from_stages(cls, stage1: Stage1Net, stage2: Stage2Net | None) -> LoFAHypernet:
+    def from_stages(cls, stage1: Stage1Net | None, stage2: Stage2Net | None) -> LoFAHypernet:
         """Wrap already built (e.g. freshly trained) stages without re-initialising anything."""
-        if stage2 is not None:
-            check_stage_pair(stage1.cfg, stage2.cfg)
+        check_stages(stage1.cfg if stage1 is not None else None, stage2.cfg if stage2 is not None else None)
         net = cls.__new__(cls)
         nn.Module.__init__(net)
         net.stage1, net.stage2 = stage1, stage2
         return net
+
+    @property
+    def single_stage(self) -> bool:
+        return self.stage1 is None
 
     def shape_problem(self, out_f: int, in_f: int) -> str | None:
         for net in (self.stage1, self.stage2):
             if net is not None and (problem := net.cfg.shape_problem(out_f, in_f)):
                 return problem
         return None
+
+
+def check_stages(stage1: HyperNetConfig | None, stage2: HyperNetConfig | None) -> None:
+    """A model has Stage-I, or Stage-I and Stage-II, or (single-stage) a Stage-II that injects no features."""
+    if stage1 is None:
+        if stage2 is None:
+            raise ValueError("a LoFA model needs Stage-I, Stage-II or both")
+        if stage2.cross_attn_idxs:
+            raise ValueError(f"a Stage-II without Stage-I cannot inject Stage-I features (cross_attn_idxs "
+                             f"{list(stage2.cross_attn_idxs)})")
+    elif stage2 is not None:
+        check_stage_pair(stage1, stage2)
 
 
 def check_stage_pair(stage1: HyperNetConfig, stage2: HyperNetConfig) -> None:

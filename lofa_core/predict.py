@@ -18,7 +18,7 @@ from .conditioning import KIND_POSE, Condition, collapse_padding
 from .errors import LoFAError, WeightError
 from .layers import Context, PromptKV
 from .lora_formats import LoRAFactors, PredictedLoRA
-from .response import ResponseMaps, preview_map
+from .response import PREVIEW_SIDE, ResponseMaps, preview_map, response_map
 from .targets import Target
 
 ReadWeight = Callable[[Target], torch.Tensor]
@@ -41,15 +41,21 @@ def shape_groups(targets: Sequence[Target], chunk_size: int) -> list[list[Target
 def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWeight, condition: Condition, *,
             device: torch.device, dtype: torch.dtype, chunk_size: int = 8, with_lora: bool = True,
             with_response: bool = True, output_device: torch.device | str = "cpu",
+            response_side: int | None = PREVIEW_SIDE,
             on_chunk: Callable[[int, int], None] | None = None) -> Prediction:
     """Run Stage-I (and Stage-II) over `targets`.
 
+    Response maps are mean-pooled to at most `response_side` pixels a side (None: full resolution, float32). A
+    single-stage model (no Stage-I) reports the response map of its own predicted LoRA instead.
     `on_chunk(done, total)` is called after every chunk; it may raise to cancel (ComfyUI's interrupt).
     """
     net = ckpt.net
     if with_lora and net.stage2 is None:
         raise LoFAError(f"LoFA checkpoint '{ckpt.name}' has only Stage-I (response maps); predicting a LoRA "
                         f"needs a checkpoint with Stage-II.")
+    wanted_lora = with_lora
+    derived_response = with_response and net.stage1 is None  # single-stage: R of the predicted LoRA
+    with_lora = with_lora or derived_response
     for t in targets:
         if problem := net.shape_problem(t.out_features, t.in_features):
             raise LoFAError(f"LoFA checkpoint '{ckpt.name}' cannot take {t.key}: {problem}.")
@@ -57,31 +63,39 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
     factors: dict[str, LoRAFactors] = {}
     maps, actives, kept = [], [], []
     with torch.no_grad():  # not inference_mode: the LoRA tensors may feed autograd later (training nodes)
-        ctx1 = encode_prompt(net.stage1, condition, device, dtype)
+        ctx1 = encode_prompt(net.stage1, condition, device, dtype) if net.stage1 is not None else None
         ctx2 = encode_prompt(net.stage2, condition, device, dtype) if with_lora else None
         for done, chunk in enumerate(chunks, start=1):
             w = torch.stack([_checked_weight(read_weight(t), t).to(device) for t in chunk])  # W's own dtype
             depth = torch.tensor([t.depth for t in chunk], device=device)
             kind = torch.tensor([t.type_index for t in chunk], device=device)
-            prepared = net.stage1.prepare_weights(w)  # normalised once, shared by both stages if they can
-            feats, logits = net.stage1.forward_features(w, depth, kind, ctx1, logits=with_response, prepared=prepared)
-            if with_response:
-                probs = torch.sigmoid(logits.float())
-                actives.extend((probs > 0.5).float().mean(dim=(1, 2)).tolist())
-                maps.extend(preview_map(probs).unbind(0))
-                kept.extend(chunk)
-                del probs
+            first = net.stage1 if net.stage1 is not None else net.stage2
+            prepared = first.prepare_weights(w)  # normalised once, shared by both stages if they can
+            feats = probs = None
+            if net.stage1 is not None:
+                feats, logits = net.stage1.forward_features(w, depth, kind, ctx1, logits=with_response,
+                                                            prepared=prepared)
+                if with_response:
+                    probs = torch.sigmoid(logits.float())
             if with_lora:
-                shared = prepared if net.stage2.cfg.patch_size == net.stage1.cfg.patch_size else None
+                shared = prepared if net.stage2.cfg.patch_size == first.cfg.patch_size else None
                 a, b, alpha = net.stage2(w, depth, kind, ctx2, feats, prepared=shared)
+                if derived_response:
+                    probs = response_map(alpha.float().unsqueeze(-1) * torch.bmm(b.float(), a.float()), w, ckpt.tau)
                 a = a.float().to(output_device)
                 b = b.float().to(output_device)
                 for i, t in enumerate(chunk):
                     factors[t.path] = LoRAFactors(up=b[i].clone(), down=a[i].clone(), scale=float(alpha[i]))
+            if probs is not None:
+                actives.extend((probs > 0.5).float().mean(dim=(1, 2)).tolist())
+                full = probs.to(output_device).unbind(0)
+                maps.extend(full if response_side is None else preview_map(probs, response_side).unbind(0))
+                kept.extend(chunk)
+                del probs
             del w, feats
             if on_chunk is not None:
                 on_chunk(done, len(chunks))
-    lora = PredictedLoRA(ckpt.catalog.family, _in_order(factors, targets)) if with_lora else None
+    lora = PredictedLoRA(ckpt.catalog.family, _in_order(factors, targets)) if wanted_lora else None
     response = None
     if with_response:
         order = {t.key: i for i, t in enumerate(targets)}
