@@ -132,12 +132,16 @@ def load_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (tokens[0] if tokens.dim() == 3 else tokens), None
 
 
-def load_latents(path: Path) -> torch.Tensor:
+def load_latents(path: Path, key: str = "latents") -> torch.Tensor | None:
+    """A latents file's training clips ("latents") or, with key="heldout", clips kept out of LoRA training for
+    evaluation (None when the file has none)."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))["latents"]
+        data = load_file(str(path))
+        return data.get(key) if key != "latents" else data["latents"]
     data = load_torch_weights_only(path)
-    latents = data["latents"] if isinstance(data, dict) else data
-    return latents
+    if not isinstance(data, dict):
+        return data if key == "latents" else None
+    return data.get(key) if key != "latents" else data["latents"]
 
 
 def load_frames(path: Path) -> torch.Tensor:
@@ -317,6 +321,15 @@ class SampleStore:
         if sample.id not in self._latents:
             self._latents[sample.id] = load_latents(sample.latents).float()
         return self._latents[sample.id]
+
+    def evaluation_latents(self, sample: Sample) -> tuple[torch.Tensor, bool]:
+        """(the task's held-out latents, True), or (its training latents, False) when it has none held out."""
+        key = sample.id + "\0heldout"
+        if key not in self._latents:
+            held = load_latents(sample.latents, "heldout")
+            self._latents[key] = held.float() if held is not None else None
+        held = self._latents[key]
+        return (held, True) if held is not None else (self.latents(sample), False)
 
 
 def check_dataset(folder: str | Path, catalog: TargetCatalog, spec: ConditionSpec, *, need_latents: bool = False,

@@ -1,133 +1,205 @@
-"""Held-out evaluation of both stages against the baselines a useful hypernetwork must beat.
+"""Held-out evaluation of a LoFA model next to the baselines it has to beat, through the prediction code users run.
 
-Stage-I: cosine similarity and IoU of the predicted response map with the ground truth, next to the best
-constant map (the training-set mean map of each target). Stage-II: cosine similarity of the predicted dW with the
-ground truth next to the mean training LoRA; agreement of its response map with the ground truth and with
-Stage-I (the paper reports 0.83 and 0.91, and 0.77 for Stage-I); and the base model's diffusion loss on the
-held-out latents with the predicted LoRA, the ground-truth LoRA and none (same noise and timesteps).
+Predictions come from `lofa_core.predict.predict`, the function the ComfyUI node calls. On each held-out task:
+
+* Stage-I: cosine and IoU of the predicted response map with the ground truth, next to the training mean map.
+* Stage-II, weight space: cosine of the predicted dW with the ground truth, raw and with the training-mean LoRA
+  removed from both (what is specific to the task), next to the mean LoRA and the per-word additive LoRA
+  (`baselines.py`); retrieval: is the task's own ground truth the closest (mean removed) among all evaluated
+  tasks, and among all tasks including the training ones; the predicted LoRA's response map against the ground
+  truth's and against Stage-I's (the paper reports 0.83 and 0.91).
+* Stage-II, function: the base model's diffusion loss on the task's held-out latents (same latents, noise and
+  timesteps for every candidate) with no LoRA, the ground-truth LoRA, the prediction, the mean LoRA, the
+  norm-matched constant LoRA, the per-word LoRA and every other evaluated task's ground-truth LoRA (task swap).
+  `gap_<x> = sum(none - x) / sum(none - gt)`: the share of the ground-truth LoRA's improvement that x reaches.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from lofa_core.hypernet import Stage1Net, Stage2Net
+from lofa_core.checkpoint import LoFACheckpoint
+from lofa_core.conditioning import ConditionSpec
+from lofa_core.hypernet import LoFAHypernet, Stage1Net, Stage2Net
+from lofa_core.lora_formats import LoRAFactors, PredictedLoRA
+from lofa_core.predict import predict
 from lofa_core.response import cosine_similarity, iou, response_map
+from lofa_core.targets import TargetCatalog
 
-from .base_models import BaseModel
-from .batches import batch_prompts, make_groups
+from .base_models import BaseModel, make_captions
+from .baselines import Baselines
 from .dataset import Sample, SampleStore
-from .injection import inject
+from .injection import inject, inject_deltas
 from .trainer import step_generator
 
-
-@dataclass
-class Baselines:
-    mean_map: dict[str, torch.Tensor]
-    mean_delta: dict[str, torch.Tensor]
+DIFFUSION_CANDIDATES = ("none", "gt", "pred", "mean", "constant", "per_word")
 
 
-def training_means(store: SampleStore, train: list[Sample], weights: dict[str, torch.Tensor], tau: float
-                   ) -> Baselines:
-    """Per-target mean response map and mean dW over the training split."""
-    maps, deltas = defaultdict(float), defaultdict(float)
-    for sample in train:
-        for t in store.catalog.targets:
-            delta = store.delta(sample, t.path)
-            deltas[t.path] = deltas[t.path] + delta
-            maps[t.path] = maps[t.path] + response_map(delta, weights[t.path].cpu(), tau)
-    n = max(1, len(train))
-    return Baselines({p: m / n for p, m in maps.items()}, {p: d / n for p, d in deltas.items()})
+def as_checkpoint(stage1: Stage1Net | None, stage2: Stage2Net | None, catalog: TargetCatalog, spec: ConditionSpec,
+                  tau: float) -> LoFACheckpoint:
+    """The networks being trained, seen as the checkpoint the nodes would load."""
+    return LoFACheckpoint(LoFAHypernet.from_stages(stage1, stage2), catalog, spec, tau, "(training run)")
 
 
-@torch.no_grad()
-def predict_sample(net1: Stage1Net, net2: Stage2Net | None, store: SampleStore, sample: Sample,
-                   weights: dict[str, torch.Tensor], device: torch.device):
-    """-> ({path: response probabilities}, {path: (A, B, alpha)} or None) for every target of one sample."""
-    prompts = batch_prompts([store.condition(sample)], device)
-    ctx1 = prompts.encode(net1)
-    ctx2 = prompts.encode(net2) if net2 is not None else None
-    probs, factors = {}, {} if net2 is not None else None
-    for g in make_groups([(0, t) for t in store.catalog.targets], weights, device):
-        feats, logits = net1.forward_features(g.w, g.depth, g.kind, ctx1)
-        p = torch.sigmoid(logits.float()).cpu()
-        if net2 is not None:
-            a, b, alpha = net2(g.w, g.depth, g.kind, ctx2, feats)
-        for m, t in enumerate(g.targets):
-            probs[t.path] = p[m]
-            if net2 is not None:
-                factors[t.path] = (a[m].float(), b[m].float(), alpha[m].float())
-    return probs, factors
+def predict_task(model: LoFACheckpoint, store: SampleStore, sample: Sample, weights: Mapping[str, torch.Tensor],
+                 device: torch.device):
+    """(full-resolution Stage-I maps {path: probabilities} or None, PredictedLoRA or None) for one task."""
+    net = model.net
+    result = predict(model, store.catalog.targets, lambda t: weights[t.path], store.condition(sample), device=device,
+                     dtype=torch.float32, with_lora=net.stage2 is not None, with_response=net.stage1 is not None,
+                     response_side=None)
+    maps = None
+    if result.response is not None:
+        by_key = dict(zip(result.response.keys, result.response.maps))
+        maps = {t.path: by_key[t.key] for t in store.catalog.targets}
+    return maps, result.lora
 
 
-def _mean(values: list[float]) -> float:
+def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / max(1, len(values)))
 
 
-def evaluate_stage1(net1: Stage1Net, store: SampleStore, samples: list[Sample], weights: dict[str, torch.Tensor],
-                    baselines: Baselines, device: torch.device) -> dict[str, float]:
-    tau = net1.cfg.tau
-    scores = defaultdict(list)
-    was_training = net1.training
-    net1.eval()
-    for sample in samples:
-        probs, _ = predict_sample(net1, None, store, sample, weights, device)
-        for t in store.catalog.targets:
-            gt = response_map(store.delta(sample, t.path), weights[t.path].cpu(), tau)
-            scores["map_cos"].append(cosine_similarity(probs[t.path], gt).item())
-            scores["map_iou"].append(iou(probs[t.path], gt).item())
-            scores["mean_map_cos"].append(cosine_similarity(baselines.mean_map[t.path], gt).item())
-            scores["mean_map_iou"].append(iou(baselines.mean_map[t.path], gt).item())
-    net1.train(was_training)
-    return {k: _mean(v) for k, v in scores.items()}
-
-
-def evaluate_stage2(net1: Stage1Net, net2: Stage2Net, base: BaseModel | None, store: SampleStore,
-                    samples: list[Sample], weights: dict[str, torch.Tensor], baselines: Baselines,
-                    device: torch.device, seed: int = 0, latents_per_sample: int = 4) -> dict[str, float]:
-    tau = net1.cfg.tau
-    scores = defaultdict(list)
-    was_training = net2.training
-    net2.eval()
-    for index, sample in enumerate(samples):
-        probs, factors = predict_sample(net1, net2, store, sample, weights, device)
-        for t in store.catalog.targets:
-            a, b, alpha = factors[t.path]
-            pred = (alpha * (b @ a)).cpu()
-            gt = store.delta(sample, t.path)
-            w = weights[t.path].cpu()
-            pred_map, gt_map = response_map(pred, w, tau), response_map(gt, w, tau)
-            scores["dw_cos"].append(cosine_similarity(pred, gt).item())
-            scores["mean_lora_dw_cos"].append(cosine_similarity(baselines.mean_delta[t.path], gt).item())
-            scores["map_cos_gt"].append(cosine_similarity(pred_map, gt_map).item())
-            scores["map_cos_stage1"].append(cosine_similarity(pred_map, probs[t.path]).item())
-        if base is not None and sample.latents is not None:
-            for name, value in diffusion_losses(base, store, sample, factors, seed + index, latents_per_sample).items():
-                scores[name].append(value)
-    net2.train(was_training)
-    return {k: _mean(v) for k, v in scores.items()}
-
-
 @torch.no_grad()
-def diffusion_losses(base: BaseModel, store: SampleStore, sample: Sample, predicted: dict, seed: int,
-                     count: int) -> dict[str, float]:
-    """Base-model diffusion loss on the sample's latents: predicted LoRA, ground-truth LoRA, no LoRA."""
-    latents = store.latents(sample)[:count]
-    cond = store.caption(sample)
-    tokens = cond.tokens.unsqueeze(0).expand(len(latents), -1, -1).to(base.device)
-    pooled = cond.pooled.unsqueeze(0).expand(len(latents), -1).to(base.device) if cond.pooled is not None else None
+def evaluate(model: LoFACheckpoint, store: SampleStore, samples: Sequence[Sample], weights: Mapping[str, torch.Tensor],
+             baselines: Baselines, device: torch.device, *, base: BaseModel | None = None,
+             retrieval_pool: Sequence[Sample] = (), seed: int = 0, latents_per_task: int = 8,
+             noise_draws: int = 4) -> dict[str, float]:
+    """Every held-out metric of `model` on `samples` (see the module docstring); keys are flat names."""
+    nets = [n for n in (model.net.stage1, model.net.stage2) if n is not None]
+    modes = [n.training for n in nets]
+    for n in nets:
+        n.eval()
+    try:
+        scores: dict[str, list[float]] = defaultdict(list)
+        predictions: list[PredictedLoRA] = []
+        for sample in samples:
+            maps, lora = predict_task(model, store, sample, weights, device)
+            _weight_space_scores(scores, store, sample, weights, baselines, maps, lora, model.tau)
+            if lora is not None:
+                predictions.append(lora)
+        out = {k: _mean(v) for k, v in scores.items()}
+        if predictions:
+            out |= retrieval(store, samples, predictions, baselines, retrieval_pool)
+            if base is not None:
+                out |= diffusion_gaps(base, store, samples, predictions, baselines, seed, latents_per_task,
+                                      noise_draws)
+        out["tasks"] = float(len(samples))
+        return out
+    finally:
+        for n, mode in zip(nets, modes):
+            n.train(mode)
 
-    def expand(f):
-        a, b, alpha = f
-        return a.unsqueeze(0).to(base.device), b.unsqueeze(0).to(base.device), alpha.reshape(1).to(base.device)
 
-    truth = {p: (f.down, f.up, torch.tensor([f.scale])) for p, f in store.factors(sample).items()}
+def _weight_space_scores(scores, store: SampleStore, sample: Sample, weights, baselines: Baselines, maps, lora,
+                         tau: float) -> None:
+    per_word = baselines.per_word(sample) if lora is not None else None
+    for t in store.catalog.targets:
+        gt = store.delta(sample, t.path)
+        w = weights[t.path].float().cpu()
+        gt_map = response_map(gt, w, tau)
+        if maps is not None:
+            scores["map_cos"].append(cosine_similarity(maps[t.path], gt_map).item())
+            scores["map_iou"].append(iou(maps[t.path], gt_map).item())
+            scores["mean_map_cos"].append(cosine_similarity(baselines.mean_map[t.path], gt_map).item())
+            scores["mean_map_iou"].append(iou(baselines.mean_map[t.path], gt_map).item())
+        if lora is None:
+            continue
+        mean = baselines.mean_delta[t.path]
+        pred = lora.factors[t.path].delta().cpu()
+        pred_map = response_map(pred, w, tau)
+        scores["dw_cos"].append(cosine_similarity(pred, gt).item())
+        scores["dw_cos_centered"].append(cosine_similarity(pred - mean, gt - mean).item())
+        scores["mean_lora_dw_cos"].append(cosine_similarity(mean, gt).item())
+        scores["lora_map_cos_gt"].append(cosine_similarity(pred_map, gt_map).item())
+        if maps is not None:
+            scores["lora_map_cos_stage1"].append(cosine_similarity(pred_map, maps[t.path]).item())
+        if per_word is not None:
+            scores["per_word_dw_cos"].append(cosine_similarity(per_word[t.path], gt).item())
+            scores["per_word_dw_cos_centered"].append(cosine_similarity(per_word[t.path] - mean, gt - mean).item())
+
+
+def retrieval(store: SampleStore, samples: Sequence[Sample], predictions: Sequence[PredictedLoRA],
+              baselines: Baselines, pool: Sequence[Sample]) -> dict[str, float]:
+    """Share of tasks whose own ground truth is the nearest (cosine over all targets, training mean removed) to
+    the prediction: among the evaluated tasks, and among those plus `pool` (training tasks). The per-word
+    baseline is scored the same way."""
+    own = list(samples)
+    others = [s for s in pool if s.id not in {x.id for x in own}]
+    everyone = own + others
+    candidates = {"pred": [lambda p, i=i: predictions[i].factors[p].delta().cpu() for i in range(len(own))]}
+    if baselines.words is not None:
+        word_preds = [baselines.per_word(s) for s in own]
+        candidates["per_word"] = [lambda p, i=i: word_preds[i][p] for i in range(len(own))]
     out = {}
-    for name, factors in (("diff_pred", predicted), ("diff_gt", truth), ("diff_none", {})):
-        gen = step_generator(seed, 0)
-        with inject(base.modules, {p: expand(f) for p, f in factors.items()}):  # one LoRA for the whole batch
-            out[name] = float(base.diffusion_loss(latents.to(base.device), tokens, pooled, gen))
+    for name, preds in candidates.items():
+        dots = torch.zeros(len(own), len(everyone))
+        pred_sq = torch.zeros(len(own))
+        gt_sq = torch.zeros(len(everyone))
+        for t in store.catalog.targets:
+            mean = baselines.mean_delta[t.path]
+            p = torch.stack([f(t.path) - mean for f in preds]).flatten(1)
+            g = torch.stack([store.delta(s, t.path) - mean for s in everyone]).flatten(1)
+            dots += p @ g.T
+            pred_sq += p.pow(2).sum(1)
+            gt_sq += g.pow(2).sum(1)
+        cos = dots / (pred_sq.sqrt().unsqueeze(1) * gt_sq.sqrt().unsqueeze(0)).clamp_min(1e-30)
+        prefix = "" if name == "pred" else "per_word_"
+        diagonal = torch.arange(len(own))
+        out[f"{prefix}retrieval_heldout"] = float((cos[:, : len(own)].argmax(1) == diagonal).float().mean())
+        out[f"{prefix}retrieval_all"] = float((cos.argmax(1) == diagonal).float().mean())
+    return out
+
+
+def _factors_of(lora: Mapping[str, LoRAFactors], device) -> dict:
+    return {p: (f.down.unsqueeze(0).to(device), f.up.unsqueeze(0).to(device),
+                torch.tensor([float(f.scale)], device=device)) for p, f in lora.items()}
+
+
+def diffusion_gaps(base: BaseModel, store: SampleStore, samples: Sequence[Sample],
+                   predictions: Sequence[PredictedLoRA], baselines: Baselines, seed: int, latents_per_task: int,
+                   noise_draws: int) -> dict[str, float]:
+    """Diffusion losses on each task's held-out latents for every candidate LoRA, and the gaps they close."""
+    losses: dict[str, list[float]] = defaultdict(list)
+    swap, own_first = [], []
+    truths = [store.factors(s) for s in samples]
+    constant = baselines.constant()
+    in_sample = False
+    for i, sample in enumerate(samples):
+        latents, held = store.evaluation_latents(sample)
+        in_sample |= not held
+        latents = latents[:latents_per_task].repeat(noise_draws, *[1] * (latents.dim() - 1))
+        cond = store.caption(sample)
+        captions = make_captions([cond.tokens], None if cond.pooled is None else [cond.pooled],
+                                 repeat=len(latents)).to(base.device)
+
+        def loss_with(factors=None, deltas=None, i=i, latents=latents, captions=captions) -> float:
+            gen = step_generator(seed, i)  # the same noise and timesteps for every candidate of this task
+            with inject(base.modules, _factors_of(factors or {}, base.device)), \
+                    inject_deltas(base.modules, {p: d.to(base.device) for p, d in (deltas or {}).items()}):
+                return float(base.diffusion_loss(latents.to(base.device), captions, None, gen))
+
+        losses["none"].append(loss_with())
+        losses["gt"].append(loss_with(truths[i]))
+        losses["pred"].append(loss_with(predictions[i].factors))
+        losses["mean"].append(loss_with(deltas=baselines.mean_delta))
+        losses["constant"].append(loss_with(deltas=constant))
+        if baselines.words is not None:
+            losses["per_word"].append(loss_with(deltas=baselines.per_word(sample)))
+        others = [loss_with(truths[j]) for j in range(len(samples)) if j != i]
+        if others:
+            swap.append(sum(others) / len(others))
+            own_first.append(float(losses["gt"][-1] < min(others)))
+    out = {f"diff_{k}": _mean(v) for k, v in losses.items()}
+    if swap:
+        losses["swap"] = swap
+        out["diff_swap"] = _mean(swap)
+        out["gt_own_task_best"] = _mean(own_first)
+    gt_gain = sum(n - g for n, g in zip(losses["none"], losses["gt"]))
+    for name, values in losses.items():
+        if name not in ("none", "gt"):
+            out[f"gap_{name}"] = sum(n - x for n, x in zip(losses["none"], values)) / gt_gain if gt_gain else 0.0
+    out["latents_held_out"] = float(not in_sample)
     return out

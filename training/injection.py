@@ -43,3 +43,25 @@ def inject(modules: Mapping[str, nn.Module], factors: Mapping[str, Factors]) -> 
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def inject_deltas(modules: Mapping[str, nn.Module], deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Add one dense update dW [out, in] to `modules[path]` for the whole batch inside the block (for LoRAs
+    that are not low rank, such as averages of LoRAs)."""
+    missing = [p for p in deltas if p not in modules]
+    if missing:
+        raise KeyError(f"no base-model module for LoRA targets {missing[:3]}")
+
+    def hook(delta: torch.Tensor):
+        def add(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + (inputs[0].to(delta.dtype) @ delta.T).to(output.dtype)
+
+        return add
+
+    handles = [modules[p].register_forward_hook(hook(d)) for p, d in deltas.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# what the plot shows of each evaluation: the model next to its strongest simple baselines
+HEADLINE = ("map_cos", "mean_map_cos", "dw_cos_centered", "per_word_dw_cos_centered", "gap_pred", "gap_mean")
+
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl records; a step logged again after a resume replaces the earlier record."""
@@ -41,10 +44,11 @@ def plot_metrics(metrics: Path, out: Path, title: str = "") -> Path | None:
     ax.legend()
     if evals:
         ax = axes[0][1]
-        for key in [k for k in evals[-1] if k.startswith("eval/")]:
-            ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key[5:])
+        for key in [f"eval/val/{k}" for k in HEADLINE if any(f"eval/val/{k}" in r for r in evals)]:
+            shown = [r for r in evals if key in r]
+            ax.plot([r["step"] for r in shown], [r[key] for r in shown], marker="o", label=key[9:])
         ax.set_xlabel("step")
-        ax.set_title("held-out evaluation")
+        ax.set_title("val tasks (test tasks: metrics.jsonl, last record)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=90)

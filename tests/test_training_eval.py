@@ -1,0 +1,81 @@
+"""The baselines held-out figures are reported next to, and the suite's cache of finished steps."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import torch
+
+from lofa_core.lora_formats import LoRAFactors
+from lofa_core.targets import Target, TargetCatalog
+from training.baselines import build_baselines, task_words
+from training.dataset import Sample
+from training.suite import _once
+
+
+class _Store:
+    """The SampleStore interface build_baselines reads: a catalog and each sample's LoRA factors."""
+
+    def __init__(self, factors: dict[str, dict[str, LoRAFactors]]) -> None:
+        self.catalog = TargetCatalog("wan2.1-t2v", ("self_attn.q",), 1, ("attn",),
+                                     (Target("blocks.0.self_attn.q", 6, 5, 0, 0),))
+        self._factors = factors
+
+    def delta(self, sample: Sample, path: str) -> torch.Tensor:
+        return self._factors[sample.id][path].delta()
+
+
+def _sample(words: tuple[str, ...]) -> Sample:
+    prompt = "a " + " ".join(words)
+    return Sample(id=prompt, lora=None, condition={"kind": "text", "prompt": prompt}, group=None, split="train",
+                  latents=None, line=1)
+
+
+def test_per_word_baseline_recovers_unseen_combinations_of_additive_tasks():
+    """When every task's dW is a sum of one matrix per word, least squares over the training tasks predicts a
+    held-out combination exactly, and the mean LoRA does not."""
+    gen = torch.Generator().manual_seed(0)
+    colours, shapes = ("red", "blue", "green"), ("dots", "bars", "waves")
+    effect = {w: torch.randn(6, 5, generator=gen) for w in colours + shapes}
+    combos = list(itertools.product(colours, shapes))
+    held_out = ("green", "waves")
+    samples = {c: _sample(c) for c in combos}
+    factors = {samples[c].id: {"blocks.0.self_attn.q": LoRAFactors(effect[c[0]] + effect[c[1]], torch.eye(5), 1.0)}
+               for c in combos}
+    store = _Store(factors)
+    train = [samples[c] for c in combos if c != held_out]
+    weights = {"blocks.0.self_attn.q": torch.ones(6, 5)}
+    baselines = build_baselines(store, train, weights, tau=0.02)
+    assert task_words(samples[held_out]) == ["a", "green", "waves"]
+    assert "a" not in baselines.words.vocabulary  # in every task: the intercept covers it
+    truth = store.delta(samples[held_out], "blocks.0.self_attn.q")
+    predicted = baselines.per_word(samples[held_out])["blocks.0.self_attn.q"]
+    torch.testing.assert_close(predicted, truth, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(baselines.mean_delta["blocks.0.self_attn.q"], truth, atol=1e-2)
+    constant = baselines.constant()["blocks.0.self_attn.q"]
+    mean_norm = sum(float(store.delta(s, "blocks.0.self_attn.q").norm()) for s in train) / len(train)
+    assert abs(float(constant.norm()) - mean_norm) < 1e-4
+
+
+def test_suite_steps_rerun_from_scratch_only_when_their_settings_change(tmp_path):
+    folder, result = tmp_path / "step", tmp_path / "step" / "out.txt"
+    runs = []
+
+    def make(value: str):
+        def run():
+            runs.append(value)
+            (folder / "partial.txt").write_text(value)
+            result.write_text(value)
+        return run
+
+    _once(folder, result, {"lr": 1}, make("first"))
+    _once(folder, result, {"lr": 1}, make("again"))  # cached: not run
+    assert runs == ["first"]
+    result.unlink()  # an interrupted run with the same settings resumes in its folder
+    (folder / "checkpoint").write_text("kept")
+    _once(folder, result, {"lr": 1}, make("resumed"))
+    assert (folder / "checkpoint").exists() and runs[-1] == "resumed"
+    _once(folder, result, {"lr": 2}, make("new settings"))  # other settings: nothing of the old run survives
+    assert not (folder / "checkpoint").exists() and result.read_text() == "new settings"
+    assert json.loads((folder / "suite_config.json").read_text()) == {"lr": 2}
