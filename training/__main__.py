@@ -1,10 +1,12 @@
 """`python -m training <command>`: build datasets, train both stages, evaluate, export.
 
     python -m training build-loras --config build.yaml     # one LoRA per task group (the paper's data prep)
+    python -m training build --config build.yaml --init-from-lofa lofa.safetensors   # ... starting from LoFA
     python -m training encode --dataset DIR --text-encoder DIR [--family sdxl]
     python -m training validate --dataset DIR --base-model FILE
     python -m training stage1 --config stage1.yaml [--resume [CHECKPOINT]] [--set key=value ...]
     python -m training stage2 --config stage2.yaml [--resume [CHECKPOINT]] [--set key=value ...]
+    python -m training stage2 --single-stage --config stage2.yaml   # the "w/o res." ablation: no Stage-I
     python -m training export --stage1 RUN_OR_FILE --stage2 RUN --out lofa.safetensors
     python -m training suite --workdir DIR [--family wan|sdxl]   # the tiny synthetic end-to-end suite
 
@@ -14,7 +16,6 @@ Multi-GPU / multi-node: `accelerate launch --multi_gpu --num_processes N -m trai
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -33,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("build-loras", help="train one LoRA per task group into a LoFA dataset")
+    p = sub.add_parser("build-loras", aliases=["build"], help="train one LoRA per task group into a LoFA dataset")
     p.add_argument("--config")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--init-from-lofa", metavar="CKPT", help="start every LoRA from the LoFA checkpoint's prediction "
+                   "for its prompt (the LoFA prior) instead of the usual initialisation")
     p = sub.add_parser("encode", help="cache prompt embeddings and image features of a dataset")
     p.add_argument("--dataset", required=True)
     p.add_argument("--text-encoder", help="for prompts: umT5 folder (WAN) or folder with clip_l/, clip_g/ (SDXL)")
@@ -48,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-model", required=True)
     p.add_argument("--latents", action="store_true", help="also require latents (Stage-II diffusion loss)")
     _add_run_args(sub.add_parser("stage1", help="train Stage-I (response maps)"))
-    _add_run_args(sub.add_parser("stage2", help="train Stage-II (LoRA prediction)"))
+    p = sub.add_parser("stage2", help="train Stage-II (LoRA prediction)")
+    _add_run_args(p)
+    p.add_argument("--single-stage", action="store_true", help="the paper's ablation: Stage-II alone, without "
+                   "Stage-I features and without a Stage-I checkpoint")
     p = sub.add_parser("export", help="write a LoFA checkpoint from Stage-I/Stage-II runs")
     p.add_argument("--stage1", required=True)
     p.add_argument("--stage2", help="a Stage-II run folder (omit for a Stage-I-only checkpoint)")
@@ -62,12 +68,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="tell the tasks by text (default), a style image, pose frames, or a style image through two "
                         "CLIP vision models mixed by a gate")
     p.add_argument("--set", action="append", default=[], help="override suite settings, e.g. stage1.steps=100")
+    p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the single-stage ablation on the same total steps (default: text prompts)")
+    p.add_argument("--adaptation", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure fine-tuning from the LoFA prior vs the usual start (default: text prompts)")
     args = parser.parse_args(argv)
 
-    if args.command == "build-loras":
+    if args.command in ("build-loras", "build"):
         from .lora_builder import build_loras
 
-        print(build_loras(load_config(BuildConfig, args.config, args.set)))
+        extra = [f"init_from_lofa={args.init_from_lofa}"] if args.init_from_lofa else []
+        print(build_loras(load_config(BuildConfig, args.config, args.set + extra)))
     elif args.command == "encode":
         from .conditions import CLIPVisionFeatures, encode_dataset, load_text_encoder
 
@@ -85,15 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "stage2":
         from .runs import run_stage2
 
-        print(run_stage2(load_config(Stage2Config, args.config, args.set), args.resume))
+        extra = ["single_stage=true", "stage1="] if args.single_stage else []  # the flag wins over a config's stage1
+        print(run_stage2(load_config(Stage2Config, args.config, args.set + extra), args.resume))
     elif args.command == "export":
         return _export(args)
     elif args.command == "suite":
         from .suite import run_suite
 
         report = run_suite(Path(args.workdir), args.family, args.base_model, args.text_encoder, args.set,
-                           args.condition)
-        print(json.dumps(report, indent=1))
+                           args.condition, args.ablation, args.adaptation)
+        print((Path(args.workdir) / "report.md").read_text())
+        print(f"everything: {Path(args.workdir) / 'report.json'}")
+        return 0 if all(g["passed"] for g in report["goals"]) else 3
     return 0
 
 

@@ -11,6 +11,8 @@ from lofa_core.conditioning import KIND_POSE, Condition, stack_collapsed
 from lofa_core.layers import Context
 from lofa_core.targets import Target
 
+from .base_models import Captions, make_captions
+
 
 @dataclass
 class ShapeGroup:
@@ -64,8 +66,7 @@ class Prompts:
     tokens: torch.Tensor  # [S, L', D] collapsed tokens, or pose frames [S, 3, T, H, W]
     log_counts: torch.Tensor | None  # [S, L'] (None for pose frames)
     pooled: torch.Tensor | None  # [S, P]
-    caption: torch.Tensor  # [S, L, D] caption tokens for the base model
-    caption_pooled: torch.Tensor | None
+    captions: Captions  # the captions as the base model reads them
 
     def encode(self, net) -> Context:
         if self.log_counts is None:
@@ -77,15 +78,12 @@ def batch_prompts(conditions: list[Condition], device: torch.device,
                   captions: list[Condition] | None = None) -> Prompts:
     """Stack a batch's conditions (and captions; default: the conditions themselves, for text)."""
     captions = captions or conditions
-    lengths = {c.tokens.shape[0] for c in captions}
-    if len(lengths) != 1:
-        raise ValueError(f"caption lengths differ within a batch ({sorted(lengths)}); use one token length")
     if conditions[0].kind == KIND_POSE:
         tokens, log_counts = torch.stack([c.tokens for c in conditions]), None
         pooled = None
     else:
         tokens, log_counts, pooled = stack_collapsed(conditions)
-    caption_pooled = torch.stack([c.pooled for c in captions]) if captions[0].pooled is not None else None
+    base_captions = make_captions([c.tokens for c in captions],
+                                  [c.pooled for c in captions] if captions[0].pooled is not None else None)
     return Prompts(tokens.to(device), None if log_counts is None else log_counts.to(device),
-                   None if pooled is None else pooled.to(device), torch.stack([c.tokens for c in captions]).to(device),
-                   None if caption_pooled is None else caption_pooled.to(device))
+                   None if pooled is None else pooled.to(device), base_captions.to(device))

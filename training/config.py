@@ -26,7 +26,7 @@ class HypernetSizes:
     patch_size: int = HyperNetConfig.patch_size
     rank: int = HyperNetConfig.rank
     mlp_ratio: float = HyperNetConfig.mlp_ratio
-    cross_attn_idxs: list[int] | None = None  # Stage-II injection blocks; default: after the middle and last
+    cross_attn_idxs: list[int] | None = None  # Stage-II injection blocks; None: after the middle and last; []: none
 
 
 @dataclass
@@ -53,7 +53,8 @@ class RunConfig:
     gradient_checkpointing: bool = False
     save_every: int = 500
     keep_checkpoints: int = 2
-    eval_every: int = 500
+    eval_every: int = 500  # evaluate the val tasks every this many steps (val and test after the last step)
+    eval_samples: int = 64  # at most this many tasks per split in an evaluation (and training tasks for retrieval)
     log_every: int = 10
     tau: float = 0.02
     target_groups: list[str] = field(default_factory=lambda: ["attn"])
@@ -73,7 +74,8 @@ class Stage1Config(RunConfig):
 
 @dataclass
 class Stage2Config(RunConfig):
-    stage1: str = ""  # a Stage-I run folder (or its exported checkpoint)
+    stage1: str = ""  # a Stage-I run folder (or its exported checkpoint); empty with single_stage
+    single_stage: bool = False  # the paper's "w/o res." ablation: no Stage-I at all, the trunk trained from scratch
     init_from_stage1: bool = True  # paper: Stage-II's trunk starts as Stage-I's
     lambda_recon: float = 5.0  # L1 between predicted and ground-truth dW (alpha included)
     lambda_diff: float = 1.0  # diffusion loss with the predicted LoRA injected into the frozen base model
@@ -96,8 +98,11 @@ class BuildConfig:
     steps: int = 1000
     lr: float = 1e-4
     batch_size: int = 4
+    warmup_steps: int = 0
+    schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 0 at the last step)
     init_seed: int = 0  # the same LoRA initialisation for every group
     init: str = "kaiming"  # A's start: "kaiming" (peft's) or "principal" (W's top right-singular vectors)
+    init_from_lofa: str = ""  # a LoFA checkpoint: start each LoRA from its prediction for the group's prompt
     seed: int = 0
     groups_per_batch: int = 1  # LoRAs trained together in one batch (exact; faster for small models)
     target_groups: list[str] = field(default_factory=lambda: ["attn"])

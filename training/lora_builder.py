@@ -15,20 +15,25 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from lofa_core.checkpoint import load_checkpoint
 from lofa_core.conditioning import DEFAULT_FOR_FAMILY, prepare_condition
 from lofa_core.fileio import save_safetensors
 from lofa_core.lora_formats import STYLE_COMFYUI, LoRAFactors, PredictedLoRA, to_state_dict
+from lofa_core.predict import predict, truncate_rank
+from lofa_core.targets import check_compatible
 
-from .base_models import BaseModel, load_base_model
+from .base_models import BaseModel, load_base_model, make_captions
 from .conditions import encode_prompts, load_text_encoder, write_metadata
 from .config import BuildConfig
 from .dataset import SPLITS, load_embedding, load_latents
 from .injection import inject
+from .trainer import lr_factor
 
 
 def read_tasks(path: str | Path) -> list[dict]:
@@ -70,12 +75,17 @@ def build_loras(cfg: BuildConfig) -> Path:
             shutil.copyfile(tasks_path.parent / task["latents"], latent_file)
     pending = [t for t in tasks if not (out / "loras" / f"{t['group']}.safetensors").exists()]
     chunk = max(1, cfg.groups_per_batch)
-    with tqdm(total=len(pending), desc="LoRAs", unit="group") as bar:
+    chunks = math.ceil(len(pending) / chunk)
+    with tqdm(total=chunks * cfg.steps, desc=f"LoRAs ({len(pending)} groups, {chunk} at a time)", unit="step") as bar:
         for start in range(0, len(pending), chunk):
             part = pending[start:start + chunk]
             conditions = [prepare_condition(*load_embedding(cond_files[t["prompt"]]), spec) for t in part]
             latents = [load_latents(out / "latents" / f"{t['group']}.safetensors").float() for t in part]
-            factors = train_loras(base, latents, conditions, cfg, seed=cfg.seed + tasks.index(part[0]))
+            start = (lofa_initial_factors(cfg.init_from_lofa, base,
+                                          [load_embedding(cond_files[t["prompt"]]) for t in part], cfg.rank,
+                                          cfg.init_seed, device, cfg.init) if cfg.init_from_lofa else None)
+            factors = train_loras(base, latents, conditions, cfg, seed=cfg.seed + tasks.index(part[0]), start=start,
+                                  on_step=lambda step, factors: bar.update(1))
             for g, task in enumerate(part):
                 lora = PredictedLoRA(base.family, {p: LoRAFactors(f[1][g].detach().cpu().clone(),
                                                                   f[0][g].detach().cpu().clone(), 1.0)
@@ -83,7 +93,6 @@ def build_loras(cfg: BuildConfig) -> Path:
                 save_safetensors(to_state_dict(lora, STYLE_COMFYUI), out / "loras" / f"{task['group']}.safetensors",
                                  {"lofa.group": task["group"], "lofa.prompt": task["prompt"],
                                   "lofa.steps": str(cfg.steps)})
-            bar.update(len(part))
     records = [{
         "id": t["group"], "lora": f"loras/{t['group']}.safetensors", "group": t["group"],
         "split": t.get("split", "train"), "latents": f"latents/{t['group']}.safetensors",
@@ -114,25 +123,68 @@ def initial_factors(base: BaseModel, rank: int, groups: int, seed: int, device, 
     return factors
 
 
+Embedding = tuple[torch.Tensor, torch.Tensor | None]  # a cached text prompt: tokens, pooled
+
+
+def lofa_initial_factors(checkpoint: str | Path, base: BaseModel, prompts: list[Embedding], rank: int, seed: int,
+                         device, init: str = "kaiming") -> dict[str, list[torch.Tensor]]:
+    """The LoFA prior as the start: each group's LoRA predicted from its text prompt, alpha folded into B.
+
+    A predicted rank above `rank` is cut to its best rank-`rank` approximation; below it, the extra directions
+    start as usual (A from `init`, B zero), so they can still learn.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    check_compatible(ckpt.catalog, base.catalog, Path(checkpoint).name)
+    if ckpt.net.stage2 is None:
+        raise SystemExit(f"{Path(checkpoint).name} has no Stage-II: --init-from-lofa needs a checkpoint that "
+                         f"predicts LoRAs (lofa.safetensors of a Stage-II run)")
+    if ckpt.condition.kind != "text":
+        raise SystemExit(f"{Path(checkpoint).name} takes {ckpt.condition.kind} prompts; --init-from-lofa builds LoRAs "
+                         f"from the tasks' text prompts, so it needs a text-prompt LoFA checkpoint")
+    ckpt.net.to(device)
+    factors = initial_factors(base, rank, len(prompts), seed, device, init)
+    with torch.no_grad():
+        for g, (tokens, pooled) in enumerate(prompts):
+            condition = prepare_condition(tokens, pooled, ckpt.condition)
+            lora = predict(ckpt, ckpt.catalog.targets, lambda t: base.weight(t.path), condition,
+                           device=torch.device(device), dtype=torch.float32).lora
+            for path, f in lora.factors.items():
+                f = truncate_rank(f, rank)
+                r = f.rank
+                factors[path][0][g, :r] = f.down.to(device)
+                factors[path][1][g, :, :r] = (f.scale * f.up).to(device)
+    return factors
+
+
 def train_loras(base: BaseModel, latents: list[torch.Tensor], conditions: list, cfg: BuildConfig,
-                seed: int) -> dict[str, list[torch.Tensor]]:
+                seed: int, start: dict[str, list[torch.Tensor]] | None = None,
+                on_step: Callable[[int, dict[str, list[torch.Tensor]]], None] | None = None
+                ) -> dict[str, list[torch.Tensor]]:
     """Train one LoRA per group at once: each group's LoRA sees only its own latents (the loss is a sum of
-    per-group means, so every LoRA gets exactly the gradient of training it alone)."""
+    per-group means, so every LoRA gets exactly the gradient of training it alone).
+
+    `start`: initial [A, B] per target (default: `initial_factors`); `on_step(step, factors)` after each step.
+    """
     groups, device = len(latents), base.device
-    factors = initial_factors(base, cfg.rank, groups, cfg.init_seed, device, cfg.init)
+    factors = start if start is not None else initial_factors(base, cfg.rank, groups, cfg.init_seed, device,
+                                                              cfg.init)
     params = [t for pair in factors.values() for t in pair]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.warmup_steps, cfg.steps, cfg.schedule))
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.cat([c.tokens.unsqueeze(0).expand(cfg.batch_size, -1, -1) for c in conditions]).to(device)
-    pooled = (torch.cat([c.pooled.unsqueeze(0).expand(cfg.batch_size, -1) for c in conditions]).to(device)
-              if conditions[0].pooled is not None else None)
+    captions = make_captions([c.tokens for c in conditions],
+                             [c.pooled for c in conditions] if conditions[0].pooled is not None else None,
+                             repeat=cfg.batch_size).to(device)
     ones = torch.ones(groups, device=device)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
         batch = torch.cat([pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)] for pool in latents])
         with autocast, inject(base.modules, {p: (a, b, ones) for p, (a, b) in factors.items()}):
-            loss = base.diffusion_loss(batch, tokens, pooled, gen, reduce=False).view(groups, -1).mean(1).sum()
+            loss = base.diffusion_loss(batch, captions, None, gen, reduce=False).view(groups, -1).mean(1).sum()
         loss.backward()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step + 1, factors)
     return factors

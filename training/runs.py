@@ -14,12 +14,13 @@ from lofa_core.conditioning import DEFAULT_FOR_FAMILY, ConditionSpec, image_spec
 from lofa_core.hypernet import LoFAHypernet, Stage1Net, Stage2Net
 from lofa_core.targets import TargetCatalog, build_catalog, check_compatible, strip_model_prefix
 
-from .base_models import load_base_model, load_target_weights
+from .base_models import BaseModel, load_base_model, load_target_weights
+from .baselines import Baselines, build_baselines
 from .config import RunConfig, Stage1Config, Stage2Config
 from .dataset import DatasetError, SampleStore, check_dataset, read_samples
-from .evaluate import evaluate_stage1, evaluate_stage2, training_means
+from .evaluate import as_checkpoint, evaluate
 from .stage1 import Stage1Objective, build_stage1, stage1_batch
-from .stage2 import Frozen, Stage2Objective, build_stage2, stage2_batch, typical_scale
+from .stage2 import Frozen, Stage2Objective, build_single_stage, build_stage2, stage2_batch, typical_scale
 from .trainer import Trainer
 
 STAGE1_EXPORT = "lofa_stage1.safetensors"
@@ -61,7 +62,10 @@ def dataset_spec(cfg: RunConfig, samples: list, family: str) -> ConditionSpec:
 
 
 class Data:
-    """Dataset, target weights and split of a run, validated up front."""
+    """Dataset, target weights and split of a run, validated up front.
+
+    `val` tasks are evaluated during training (for choosing settings), `test` tasks only at the end (reported).
+    """
 
     def __init__(self, cfg: RunConfig, need_latents: bool, spec: ConditionSpec | None = None,
                  catalog: TargetCatalog | None = None) -> None:
@@ -76,17 +80,35 @@ class Data:
                                 caption_spec=caption_spec)
         self.store = SampleStore(cfg.dataset, samples, self.catalog, self.spec, caption_spec=caption_spec)
         self.train = self.store.split("train")
-        self.held_out = self.store.split("val") or self.store.split("test")
+        self.val = self.store.split("val")
+        self.test = self.store.split("test")
         self.weights = load_target_weights(cfg.base_model, self.catalog)
+        self.eval_samples = cfg.eval_samples
         self._baselines = None
 
     def on(self, device: torch.device) -> dict[str, torch.Tensor]:
         return {p: w.to(device) for p, w in self.weights.items()}
 
-    def baselines(self, tau: float):
+    def baselines(self, tau: float) -> Baselines:
         if self._baselines is None:
-            self._baselines = training_means(self.store, self.train, self.weights, tau)
+            self._baselines = build_baselines(self.store, self.train, self.weights, tau)
         return self._baselines
+
+    def evaluator(self, model: LoFACheckpoint, weights: dict[str, torch.Tensor], device: torch.device,
+                  base: BaseModel | None, seed: int):
+        """The trainer's evaluation: val tasks during training; val and test tasks after the last step."""
+
+        def run(final: bool) -> dict[str, float]:
+            out = {}
+            for name, samples in (("val", self.val), ("test", self.test if final else [])):
+                if samples:
+                    scores = evaluate(model, self.store, samples[: self.eval_samples], weights,
+                                      self.baselines(model.tau), device, base=base, seed=seed,
+                                      retrieval_pool=self.train[: self.eval_samples])
+                    out |= {f"{name}/{k}": v for k, v in scores.items()}
+            return out
+
+        return run if (self.val or self.test) else None
 
 
 def run_stage1(cfg: Stage1Config, resume: str | bool = False) -> Path:
@@ -101,10 +123,8 @@ def run_stage1(cfg: Stage1Config, resume: str | bool = False) -> Path:
         groups, prompts = stage1_batch(data.store, data.train, weights, cfg, gen, trainer.device)
         return trainer.model(groups, prompts)
 
-    def evaluate():
-        return evaluate_stage1(net, data.store, data.held_out, weights, data.baselines(cfg.tau), trainer.device)
-
-    trainer.fit(objective, evaluate if data.held_out else None)
+    model = as_checkpoint(net, None, data.catalog, data.spec, cfg.tau)
+    trainer.fit(objective, data.evaluator(model, weights, trainer.device, None, cfg.seed))
     out = Path(cfg.out) / STAGE1_EXPORT
     if trainer.is_main:
         export(out, net, None, data.catalog, data.spec, cfg.tau, {"stage1_steps": cfg.steps, "dataset": cfg.dataset,
@@ -119,20 +139,30 @@ def stage1_checkpoint(where: str | Path) -> LoFACheckpoint:
 
 
 def run_stage2(cfg: Stage2Config, resume: str | bool = False) -> Path:
-    first = stage1_checkpoint(cfg.stage1)
-    data = Data(cfg, need_latents=cfg.lambda_diff > 0, spec=first.condition, catalog=first.catalog)
-    stage1: Stage1Net = first.net.stage1
+    if cfg.single_stage and cfg.stage1:
+        raise SystemExit("--single-stage trains Stage-II without Stage-I: remove the `stage1` setting")
+    if not cfg.single_stage and not cfg.stage1:
+        raise SystemExit("Stage-II needs `stage1` (a Stage-I run folder or checkpoint), or --single-stage")
+    first = None if cfg.single_stage else stage1_checkpoint(cfg.stage1)
+    data = Data(cfg, need_latents=cfg.lambda_diff > 0, spec=first.condition if first else None,
+                catalog=first.catalog if first else None)
+    stage1: Stage1Net | None = first.net.stage1 if first else None
+    tau = first.tau if first else cfg.tau
     set_seed(cfg.seed)
-    net = build_stage2(cfg, stage1, cfg.alpha_init or typical_scale(data.store, data.train))
-    base = load_base_model(cfg.base_model, cfg.target_groups) if (cfg.lambda_diff > 0 or data.held_out) else None
-    if base is not None:
+    alpha_init = cfg.alpha_init or typical_scale(data.store, data.train)
+    net = (build_single_stage(cfg, data.catalog, data.spec, alpha_init) if cfg.single_stage
+           else build_stage2(cfg, stage1, alpha_init))
+    base = None
+    if cfg.lambda_diff > 0 or data.val or data.test:
+        base = load_base_model(cfg.base_model, cfg.target_groups)
         base.shift = cfg.flow_shift
         if cfg.gradient_checkpointing and hasattr(base.model, "enable_gradient_checkpointing"):
             base.model.enable_gradient_checkpointing()
     frozen = Frozen(stage1, base)
     trainer = Trainer(cfg, Stage2Objective(net, frozen, cfg), net, "stage2")
     trainer.resume(resume)
-    stage1.to(trainer.device)
+    if stage1 is not None:
+        stage1.to(trainer.device)
     if base is not None:
         base.to(trainer.device)
     weights = data.on(trainer.device)
@@ -141,21 +171,18 @@ def run_stage2(cfg: Stage2Config, resume: str | bool = False) -> Path:
         groups, prompts, latents = stage2_batch(data.store, data.train, weights, frozen, cfg, gen, trainer.device)
         return trainer.model(groups, prompts, latents, gen)
 
-    def evaluate():
-        return evaluate_stage2(stage1, net, base, data.store, data.held_out, weights, data.baselines(first.tau),
-                               trainer.device, seed=cfg.seed)
-
-    trainer.fit(objective, evaluate if data.held_out else None)
+    model = as_checkpoint(stage1, net, data.catalog, data.spec, tau)
+    trainer.fit(objective, data.evaluator(model, weights, trainer.device, base, cfg.seed))
     out = Path(cfg.out) / STAGE2_EXPORT
     if trainer.is_main:
-        export(out, stage1, net, data.catalog, data.spec, first.tau,
-               {**first.provenance, "stage2_steps": cfg.steps, "dataset": cfg.dataset,
-                "base_model": Path(cfg.base_model).name})
+        provenance = {**(first.provenance if first else {"single_stage": True}), "stage2_steps": cfg.steps,
+                      "dataset": cfg.dataset, "base_model": Path(cfg.base_model).name}
+        export(out, stage1, net, data.catalog, data.spec, tau, provenance)
     trainer.accelerator.wait_for_everyone()
     return out
 
 
-def export(out: Path, stage1: Stage1Net, stage2: Stage2Net | None, catalog: TargetCatalog, spec: ConditionSpec,
+def export(out: Path, stage1: Stage1Net | None, stage2: Stage2Net | None, catalog: TargetCatalog, spec: ConditionSpec,
            tau: float, provenance: dict) -> Path:
     """The run's result in the pack's checkpoint format (loads in the Load LoFA Model node)."""
     net = LoFAHypernet.from_stages(stage1, stage2)

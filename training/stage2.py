@@ -1,5 +1,8 @@
 """Stage-II: predict B, A and alpha for every target, guided by the frozen Stage-I's final tokens.
 
+`single_stage` trains the paper's "w/o res." ablation instead: the same network without Stage-I (no features
+injected, no Stage-I checkpoint), its trunk trained from scratch.
+
 loss = lambda_recon * L1(alpha * B @ A, dW_gt) + lambda_diff * diffusion loss of the frozen base model with the
 predicted LoRAs injected (per sample, differentiably) [+ lambda_wp * DiffLoRA's weight-preserving L1].
 Unlike the authors' code, alpha is part of what the reconstruction term sees (their spec B4), so the LoRA
@@ -11,8 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lofa_core.config import default_injection
+from lofa_core.conditioning import ConditionSpec
+from lofa_core.config import axial_config_for, default_injection
+from lofa_core.factory import condition_sizes
 from lofa_core.hypernet import Stage1Net, Stage2Net
+from lofa_core.targets import TargetCatalog
 
 from .base_models import BaseModel
 from .batches import Prompts, ShapeGroup, batch_prompts, contexts_for, make_groups
@@ -26,8 +32,8 @@ HEADS = ("head_A.", "head_B.", "head_map.", "response_gain", "response_bias")
 class Frozen:
     """Models the objective uses but never trains (kept out of the module tree: no DDP sync, no saving)."""
 
-    def __init__(self, stage1: Stage1Net, base: BaseModel) -> None:
-        self.stage1 = stage1.eval().requires_grad_(False)
+    def __init__(self, stage1: Stage1Net | None, base: BaseModel | None) -> None:
+        self.stage1 = stage1.eval().requires_grad_(False) if stage1 is not None else None
         self.base = base
         self.features: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -51,7 +57,7 @@ class Stage2Objective(nn.Module):
             scale = (sum(g.extra["delta"].abs().sum() for g in groups)
                      / sum(g.extra["delta"].numel() for g in groups)).clamp_min(1e-12)
         for g in groups:
-            a, b, alpha = self.net(g.w, g.depth, g.kind, contexts_for(ctx, g.sample), g.extra["features"])
+            a, b, alpha = self.net(g.w, g.depth, g.kind, contexts_for(ctx, g.sample), g.extra.get("features"))
             pred = alpha.float().unsqueeze(-1) * torch.bmm(b.float(), a.float())
             gt = g.extra["delta"]
             err = (pred - gt).abs()
@@ -69,7 +75,7 @@ class Stage2Objective(nn.Module):
         if cfg.lambda_diff:
             stacked = {p: tuple(torch.stack(parts) for parts in zip(*per_sample)) for p, per_sample in factors.items()}
             with inject(self.frozen.base.modules, stacked):
-                diff = self.frozen.base.diffusion_loss(latents, prompts.caption, prompts.caption_pooled, gen)
+                diff = self.frozen.base.diffusion_loss(latents, prompts.captions, None, gen)
             losses["diffusion"] = diff
             total = total + cfg.lambda_diff * diff
         losses["loss"] = total
@@ -77,14 +83,30 @@ class Stage2Objective(nn.Module):
 
 
 def build_stage2(cfg: Stage2Config, stage1: Stage1Net, alpha_init: float) -> Stage2Net:
-    """Stage-II shaped like the Stage-I it reads; its trunk starts as Stage-I's unless disabled."""
+    """Stage-II shaped like the Stage-I it reads; its trunk starts as Stage-I's unless disabled.
+
+    `hypernet.cross_attn_idxs`: None injects Stage-I's features after the paper's default blocks, [] nowhere.
+    """
     s1 = stage1.cfg
-    injection = tuple(cfg.hypernet.cross_attn_idxs or default_injection(s1.n_blocks))
+    chosen = cfg.hypernet.cross_attn_idxs
+    injection = tuple(default_injection(s1.n_blocks) if chosen is None else chosen)
     net = Stage2Net(s1.replace(stage=2, cross_attn_idxs=injection, alpha_init=alpha_init))
     if cfg.init_from_stage1:
         trunk = {k: v for k, v in stage1.state_dict().items() if not k.startswith(HEADS)}
         missing, unexpected = net.load_state_dict(trunk, strict=False)
         assert not unexpected, unexpected
+    net.gradient_checkpointing = cfg.gradient_checkpointing
+    return net
+
+
+def build_single_stage(cfg: Stage2Config, catalog: TargetCatalog, spec: ConditionSpec, alpha_init: float
+                       ) -> Stage2Net:
+    """A fresh Stage-II that reads no Stage-I features, sized by `cfg.hypernet` (the ablation baseline)."""
+    sizes = {k: v for k, v in vars(cfg.hypernet).items() if v is not None and k != "cross_attn_idxs"}
+    config = axial_config_for(sorted({t.shape for t in catalog.targets}), stage=2, num_depths=catalog.num_depths,
+                              num_types=len(catalog.type_names), **condition_sizes(spec), tau=cfg.tau,
+                              cross_attn_idxs=(), alpha_init=alpha_init, **sizes)
+    net = Stage2Net(config)
     net.gradient_checkpointing = cfg.gradient_checkpointing
     return net
 
@@ -108,10 +130,11 @@ def stage2_batch(store: SampleStore, train: list, weights: dict[str, torch.Tenso
     prompts = batch_prompts([store.condition(s) for s in chosen], device,
                             [store.caption(s) for s in chosen] if cfg.lambda_diff else None)
     groups = make_groups(items, weights, device, {"delta": deltas})
-    with torch.no_grad():
-        ctx1 = prompts.encode(frozen.stage1)
-        for g in groups:
-            g.extra["features"] = stage1_features(frozen, g, ctx1, [chosen[int(s)] for s in g.sample], cfg)
+    if frozen.stage1 is not None:
+        with torch.no_grad():
+            ctx1 = prompts.encode(frozen.stage1)
+            for g in groups:
+                g.extra["features"] = stage1_features(frozen, g, ctx1, [chosen[int(s)] for s in g.sample], cfg)
     latents = []
     for sample in chosen:
         pool = store.latents(sample)

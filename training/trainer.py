@@ -156,7 +156,8 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def fit(self, objective: Callable[[int, torch.Generator], dict[str, torch.Tensor]],
-            evaluate: Callable[[], dict[str, float]] | None = None) -> None:
+            evaluate: Callable[[bool], dict[str, float]] | None = None) -> None:
+        """`evaluate(final)` runs every eval_every steps and after the last step (final=True)."""
         cfg, acc = self.cfg, self.accelerator
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not self.is_main, unit="step")
         started = time.time()
@@ -186,7 +187,8 @@ class Trainer:
                     self.log(record)
                 if evaluate is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     if self.is_main:
-                        self.log({"step": self.step, **{f"eval/{k}": v for k, v in evaluate().items()}})
+                        scores = evaluate(self.step == cfg.steps)
+                        self.log({"step": self.step, **{f"eval/{k}": v for k, v in scores.items()}})
                     acc.wait_for_everyone()
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
