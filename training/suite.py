@@ -1,16 +1,24 @@
-"""`python -m training suite`: the whole recipe on the tiny synthetic task suite, in minutes on a CPU.
+"""`python -m training suite`: the whole recipe on the tiny synthetic task suite, on a CPU, with honest figures.
 
-Makes the data (tiny base model and text encoder for WAN; the caller's tiny SDXL otherwise), builds one LoRA per
-task group, trains Stage-I and Stage-II, and reports held-out metrics against the baselines. Each step is
-skipped when its result exists for the same settings, so the suite trains once and is then cached. The
-configs it used are written to `<workdir>/configs/` for re-running single stages by hand.
+Makes the data (tiny base model and text encoder for WAN; the caller's tiny SDXL otherwise), teaches the base
+model the domain (`synthetic.pretrain_base`), builds one LoRA per task group, trains Stage-I and Stage-II, and
+reports the held-out `test` tasks' metrics next to the baselines (`evaluate.py`), with a PASS/FAIL line per
+goal. The text suite also trains the paper's single-stage ablation on the same total step budget and measures
+fine-tuning from the LoFA prior against the usual start (`adaptation.py`). Each step is skipped when its result
+exists for the same settings, so the suite trains once and is then cached. The configs it used are written to
+`<workdir>/configs/` for re-running single stages by hand; the report to `<workdir>/report.json` and `report.md`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from . import synthetic
 from .config import BuildConfig, Stage1Config, Stage2Config, _build, to_dict
@@ -19,14 +27,20 @@ from .runs import STAGE1_EXPORT, STAGE2_EXPORT, run_stage1, run_stage2
 
 HYPERNET = {"d_model": 128, "n_heads": 4, "n_blocks": 2, "patch_size": 16, "rank": 4}
 DEFAULTS = {
-    "build": {"rank": 4, "steps": 100, "lr": 1e-4, "batch_size": 2, "groups_per_batch": 30, "init": "principal"},
+    # the base model learns the domain (all training tasks' clips under one generic caption) before any LoRA
+    "base": {"steps": 600, "lr": 1e-3, "batch_size": 32},
+    "build": {"rank": 4, "steps": 300, "lr": 1e-3, "batch_size": 8, "groups_per_batch": 45, "init": "principal",
+              "schedule": "cosine"},
     "stage1": {"steps": 1500, "batch_size": 4, "layers_per_sample": 8, "hypernet": HYPERNET, "eval_every": 500,
                "save_every": 250, "log_every": 25,
                "optim": {"lr": 2e-3, "warmup_steps": 50, "schedule": "cosine"}},
     "stage2": {"steps": 600, "batch_size": 2, "hypernet": HYPERNET, "eval_every": 300, "save_every": 200,
                "log_every": 25, "optim": {"lr": 1e-3, "warmup_steps": 30, "schedule": "cosine"},
                "recon_normalize": True},
-    # image / pose variants: the assertion is on Stage-II; a shorter Stage-I guides it well enough
+    # the "w/o res." ablation: Stage-II alone for as many steps as both stages together (null: that sum)
+    "single_stage": {"steps": None},
+    "adaptation": {"eval_every": 10},
+    # image / pose variants
     "image": {"stage1": {"steps": 400}, "stage2": {"steps": 600}},
     "pose": {"stage1": {"steps": 400, "pose_frames": 8, "pose_size": 32}, "stage2": {"steps": 600}},
     # two pooled image features (two CLIP vision models of different widths) mixed by a gate (DiffLoRA MIF)
@@ -34,11 +48,9 @@ DEFAULTS = {
                   "stage2": {"steps": 600, "image_feature": "image_embeds"}},
 }
 
-
 # SDXL's targets mix 640/1280-wide and [C, 2048] matrices (in the tiny model 64/128 and [C, 2048]): bigger patches
 # keep the token count of the wide matrices small.
-SDXL_DEFAULTS = {"build": {"lr": 1e-3},
-                 "stage1": {"hypernet": {**HYPERNET, "d_model": 64, "patch_size": 32}},
+SDXL_DEFAULTS = {"stage1": {"hypernet": {**HYPERNET, "d_model": 64, "patch_size": 32}},
                  "stage2": {"hypernet": {**HYPERNET, "d_model": 64, "patch_size": 32}}}
 
 
@@ -64,31 +76,58 @@ def suite_settings(overrides: list[str] | None, family: str = "wan") -> dict:
     return settings
 
 
-def _cached(folder: Path, result: Path, config: dict) -> bool:
-    """True if `result` exists and was made with exactly `config`."""
+def _once(folder: Path, result: Path, key: dict, make) -> Path:
+    """Run `make()` unless `result` was already made with the same settings `key`.
+
+    A folder left by other settings is emptied first (never mixed with them); one left by an interrupted run
+    with the same settings is kept, so the run resumes.
+    """
     marker = folder / "suite_config.json"
-    return result.exists() and marker.exists() and json.loads(marker.read_text()) == config
-
-
-def _mark(folder: Path, config: dict) -> None:
+    previous = json.loads(marker.read_text()) if marker.exists() else None
+    if previous == key and result.exists():
+        return result
+    if previous != key and folder.exists():
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "suite_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    marker.write_text(json.dumps(key, indent=1, sort_keys=True))
+    make()
+    return result
+
+
+@dataclass
+class Goal:
+    text: str
+    value: str
+    passed: bool
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.text}: {self.value}"
 
 
 def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None, text_encoder: str | None = None,
-              overrides: list[str] | None = None, condition: str = "text") -> dict:
+              overrides: list[str] | None = None, condition: str = "text", ablation: bool | None = None,
+              adaptation: bool | None = None) -> dict:
     """`condition` "image" or "pose" trains on the same tasks told by a style image or pose frames; "image-mix"
-    by the style image seen through two CLIP vision models whose features a gate mixes."""
+    by the style image seen through two CLIP vision models whose features a gate mixes. `ablation` and
+    `adaptation` (default: for text) add the single-stage ablation and the fine-tuning measurement."""
+    ablation = condition == "text" if ablation is None else ablation
+    adaptation = condition == "text" if adaptation is None else adaptation
     settings = suite_settings(overrides, family)
     workdir.mkdir(parents=True, exist_ok=True)
     if family == "wan":
-        base_model = str(synthetic.make_tiny_wan(workdir / "base" / "tiny_wan.safetensors"))
+        raw_base = str(synthetic.make_tiny_wan(workdir / "base" / "tiny_wan.safetensors"))
         text_encoder = str(synthetic.make_tiny_umt5(workdir / "text_encoder"))
         tasks = synthetic.make_tasks(workdir / "tasks", "wan2.1-t2v")
     else:
         if not (base_model and text_encoder):
             raise SystemExit("the SDXL suite needs --base-model (a tiny SDXL file) and --text-encoder (clip_l/clip_g)")
+        raw_base = base_model
         tasks = synthetic.make_tasks(workdir / "tasks", "sdxl")
+    base_key = {"source": Path(raw_base).name, **settings["base"]}
+    pretrained = workdir / "base_pretrained" / "base.safetensors"
+    base_model = str(_once(pretrained.parent, pretrained, base_key, lambda: synthetic.pretrain_base(
+        Path(raw_base), tasks, text_encoder, pretrained, **settings["base"])))
+
     dataset = workdir / "dataset"
     build = _build(BuildConfig, {**settings["build"], "tasks": str(tasks), "base_model": base_model,
                                  "text_encoder": text_encoder, "out": str(dataset)}, "suite")
@@ -101,16 +140,22 @@ def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None,
     s2 = _build(Stage2Config, _merge({**settings["stage2"], **common, "out": str(workdir / f"stage2{suffix}"),
                                       "stage1": str(workdir / f"stage1{suffix}")}, variant.get("stage2", {})),
                 "suite")
+    single_steps = settings["single_stage"]["steps"] or s1.steps + s2.steps
+    single = _build(Stage2Config, {**to_dict(s2), "stage1": "", "single_stage": True, "steps": single_steps,
+                                   "eval_every": single_steps, "out": str(workdir / f"single_stage{suffix}")},
+                    "suite")
     configs = workdir / "configs"
     configs.mkdir(exist_ok=True)
-    for name, cfg in (("build", build), (f"stage1{suffix}", s1), (f"stage2{suffix}", s2)):
+    for name, cfg in (("build", build), (f"stage1{suffix}", s1), (f"stage2{suffix}", s2),
+                      (f"single_stage{suffix}", single)):
         (configs / f"{name}.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
-    if not _cached(dataset, dataset / "metadata.jsonl", to_dict(build)):
+    def make_dataset() -> None:
         from .lora_builder import build_loras
 
         build_loras(build)
-        _mark(dataset, to_dict(build))
+
+    _once(dataset, dataset / "metadata.jsonl", {"base": base_key, **to_dict(build)}, make_dataset)
     if condition != "text":
         encoders = []
         if condition.startswith("image"):
@@ -119,18 +164,172 @@ def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None,
             encoders.append(synthetic.make_tiny_clip_vision(workdir / "image_encoder_2", seed=1, width=48,
                                                             projection=24))
         synthetic.make_condition_dataset(dataset, condition.split("-")[0], train_set, *encoders)
-    stage1_key = {"build": to_dict(build), "stage1": to_dict(s1), "condition": condition}
-    if not _cached(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key):
-        run_stage1(s1, resume=True)
-        _mark(Path(s1.out), stage1_key)
+    stage1_key = {"base": base_key, "build": to_dict(build), "stage1": to_dict(s1), "condition": condition}
+    _once(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key, lambda: run_stage1(s1, resume=True))
     stage2_key = {**stage1_key, "stage2": to_dict(s2)}
-    if not _cached(Path(s2.out), Path(s2.out) / STAGE2_EXPORT, stage2_key):
-        run_stage2(s2, resume=True)
-        _mark(Path(s2.out), stage2_key)
-    return {"checkpoint": str(Path(s2.out) / STAGE2_EXPORT),
-            "stage1": _last_eval(Path(s1.out)), "stage2": _last_eval(Path(s2.out))}
+    _once(Path(s2.out), Path(s2.out) / STAGE2_EXPORT, stage2_key, lambda: run_stage2(s2, resume=True))
+    report = {"condition": condition, "family": family, "checkpoint": str(Path(s2.out) / STAGE2_EXPORT),
+              "base_model": base_model, "data": data_report(build, s2),
+              "stage1": last_eval(Path(s1.out)), "stage2": last_eval(Path(s2.out))}
+    if ablation:
+        single_key = {"base": base_key, "build": to_dict(build), "single_stage": to_dict(single),
+                      "condition": condition}
+        _once(Path(single.out), Path(single.out) / STAGE2_EXPORT, single_key, lambda: run_stage2(single, resume=True))
+        report["single_stage"] = last_eval(Path(single.out))
+    if adaptation:
+        report["adaptation"] = run_adaptation(workdir, build, s2, Path(report["checkpoint"]),
+                                              settings["adaptation"]["eval_every"])
+    report["goals"] = [g.__dict__ for g in goals(report)]
+    write_report(workdir, report)
+    return report
 
 
-def _last_eval(run: Path) -> dict:
+def data_report(build: BuildConfig, run: Stage2Config) -> dict:
+    """How task-specific the ground-truth LoRAs are: the share of their energy in the component all training
+    LoRAs share (the training mean), and the tasks per split."""
+    from .runs import Data
+
+    data = Data(run, need_latents=False)
+    shared = shared_energy(data.store, data.train)
+    return {"shared_energy": round(shared, 4), "train_tasks": len(data.train), "val_tasks": len(data.val),
+            "test_tasks": len(data.test), "test_groups": [s.group or s.id for s in data.test],
+            "lora_steps": build.steps, "lora_rank": build.rank}
+
+
+def shared_energy(store, samples) -> float:
+    """||mean dW||^2 / mean ||dW||^2 over all targets: 1 if every LoRA were the same, ~0 if they share nothing."""
+    total, mean_sq = 0.0, 0.0
+    for t in store.catalog.targets:
+        deltas = torch.stack([store.delta(s, t.path) for s in samples])
+        mean_sq += float(deltas.mean(0).pow(2).sum())
+        total += float(deltas.pow(2).sum(dim=(1, 2)).mean())
+    return mean_sq / total if total else 0.0
+
+
+def run_adaptation(workdir: Path, build: BuildConfig, run: Stage2Config, checkpoint: Path, eval_every: int) -> dict:
+    """Fine-tuning from the LoFA prior vs the usual start on the test tasks (cached by the checkpoint's bytes)."""
+    import hashlib
+
+    from .adaptation import Task, adaptation_curves, plot_curves
+    from .base_models import load_base_model
+    from .dataset import load_embedding
+    from .runs import Data
+
+    out = workdir / "adaptation.json"
+    key = {"build": to_dict(build), "checkpoint": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+           "eval_every": eval_every}
+    if out.exists() and json.loads(out.read_text()).get("key") == key:
+        return json.loads(out.read_text())["summary"]
+    data = Data(run, need_latents=True)
+    base = load_base_model(build.base_model, build.target_groups)
+    base.shift = build.flow_shift
+    tasks = []
+    for s in data.test:
+        truth = {p: (f.down, f.scale * f.up) for p, f in data.store.factors(s).items()}
+        heldout, _ = data.store.evaluation_latents(s)
+        tasks.append(Task(s.group or s.id, load_embedding(s.embedding), data.store.caption(s),
+                          data.store.latents(s), heldout, truth))
+    curves = adaptation_curves(base, tasks, build, checkpoint, eval_every, seed=build.seed)
+    summary = curves.summary()
+    plot_curves(curves, workdir / "adaptation.png")
+    out.write_text(json.dumps({"key": key, "summary": summary, "steps": curves.steps,
+                               "usual": curves.usual.tolist(), "prior": curves.prior.tolist(),
+                               "target": curves.target.tolist(), "none": curves.none.tolist()}, indent=1))
+    return summary
+
+
+def last_eval(run: Path) -> dict:
+    """The last evaluation of a run: {"val": {...}, "test": {...}}."""
     evals = [r for r in read_metrics(run / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
-    return {k[5:]: round(v, 4) for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+    out: dict[str, dict] = {}
+    for key, value in (evals[-1].items() if evals else ()):
+        if key.startswith("eval/"):
+            split, _, name = key[5:].partition("/")
+            out.setdefault(split, {})[name] = round(value, 4)
+    return out
+
+
+def goals(report: dict) -> list[Goal]:
+    """The suite's bar on the test tasks (the text suite's goals; image/pose variants must beat the means)."""
+    s1, s2 = report["stage1"].get("test", {}), report["stage2"].get("test", {})
+    out = []
+
+    def add(text: str, value: str, passed: bool) -> None:
+        out.append(Goal(text, value, bool(passed)))
+
+    if not s1 or not s2:
+        return [Goal("the dataset has test tasks", "none found", False)]
+    data = report["data"]
+    add("ground-truth LoRAs are task-specific (shared energy < 0.4)", f"{data['shared_energy']:.3f}",
+        data["shared_energy"] < 0.4)
+    add("each test task's own LoRA is best on its held-out clips (>= 80 %)", f"{s2.get('gt_own_task_best', 0):.2f}",
+        s2.get("gt_own_task_best", 0) >= 0.8)
+    if report["condition"] != "text":
+        add("Stage-I map cosine beats the mean map", f"{s1['map_cos']:.3f} vs {s1['mean_map_cos']:.3f}",
+            s1["map_cos"] > s1["mean_map_cos"])
+        add("Stage-II dW cosine beats the mean LoRA", f"{s2['dw_cos']:.3f} vs {s2['mean_lora_dw_cos']:.3f}",
+            s2["dw_cos"] > s2["mean_lora_dw_cos"])
+        add("Stage-II gap closed beats the mean LoRA", f"{s2['gap_pred']:.2f} vs {s2['gap_mean']:.2f}",
+            s2["gap_pred"] > s2["gap_mean"])
+        return out
+    add("Stage-I map cosine beats the mean map by >= 0.05", f"{s1['map_cos']:.3f} vs {s1['mean_map_cos']:.3f}",
+        s1["map_cos"] - s1["mean_map_cos"] >= 0.05)
+    word = s2.get("per_word_dw_cos_centered", -1.0)
+    add("Stage-II dW cosine, training mean removed, >= 0.8 and above the per-word baseline",
+        f"{s2['dw_cos_centered']:.3f} vs per-word {word:.3f}", s2["dw_cos_centered"] >= 0.8 and
+        s2["dw_cos_centered"] > word)
+    tasks = int(s2.get("tasks", 0))
+    add("retrieval: own task nearest among the test tasks >= 5/6",
+        f"{round(s2['retrieval_heldout'] * tasks)}/{tasks}", s2["retrieval_heldout"] >= 5 / 6 - 1e-9)
+    add("diffusion gap closed >= 0.8", f"{s2['gap_pred']:.2f}", s2["gap_pred"] >= 0.8)
+    add("mean LoRA and norm-matched constant LoRA close <= 0.5",
+        f"{s2['gap_mean']:.2f} / {s2['gap_constant']:.2f}", max(s2["gap_mean"], s2["gap_constant"]) <= 0.5)
+    add("task-swap control clearly below the prediction (by >= 0.25)",
+        f"{s2['gap_swap']:.2f} vs {s2['gap_pred']:.2f}", s2["gap_swap"] <= s2["gap_pred"] - 0.25)
+    if "adaptation" in report:
+        speed = report["adaptation"].get("median_speedup")
+        add("fine-tuning from the LoFA prior reaches the LoRA's held-out loss in >= 5x fewer steps (median)",
+            "not reached" if speed is None else f"{speed:.1f}x", speed is not None and speed >= 5)
+    return out
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.3f}"
+    return str(value)
+
+
+def write_report(workdir: Path, report: dict) -> None:
+    """report.json (everything) and report.md (the tables the README quotes)."""
+    (workdir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    s1, s2 = report["stage1"].get("test", {}), report["stage2"].get("test", {})
+    single = report.get("single_stage", {}).get("test", {})
+    rows = [("Stage-I map cosine / IoU", f"{_fmt(s1.get('map_cos'))} / {_fmt(s1.get('map_iou'))}",
+             f"mean map {_fmt(s1.get('mean_map_cos'))} / {_fmt(s1.get('mean_map_iou'))}"),
+            ("Stage-II dW cosine, raw", _fmt(s2.get("dw_cos")),
+             f"mean LoRA {_fmt(s2.get('mean_lora_dw_cos'))}, per-word {_fmt(s2.get('per_word_dw_cos'))}"),
+            ("Stage-II dW cosine, training mean removed", _fmt(s2.get("dw_cos_centered")),
+             f"per-word {_fmt(s2.get('per_word_dw_cos_centered'))}"),
+            ("retrieval: own task nearest among test / all tasks",
+             f"{_fmt(s2.get('retrieval_heldout'))} / {_fmt(s2.get('retrieval_all'))}",
+             f"per-word {_fmt(s2.get('per_word_retrieval_heldout'))} / {_fmt(s2.get('per_word_retrieval_all'))}"),
+            ("diffusion gap closed (1 = ground-truth LoRA)", _fmt(s2.get("gap_pred")),
+             f"mean {_fmt(s2.get('gap_mean'))}, constant {_fmt(s2.get('gap_constant'))}, per-word "
+             f"{_fmt(s2.get('gap_per_word'))}, task swap {_fmt(s2.get('gap_swap'))}"),
+            ("LoRA's response map vs ground truth / vs Stage-I",
+             f"{_fmt(s2.get('lora_map_cos_gt'))} / {_fmt(s2.get('lora_map_cos_stage1'))}", "paper: 0.83 / 0.91")]
+    lines = [f"# Suite report ({report['family']}, {report['condition']} prompts, test tasks)", "",
+             "| held-out metric | LoFA | baselines |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    if single:
+        lines += ["", "| same total steps | two-stage | single-stage (w/o res.) |", "|---|---|---|"]
+        for key, label in (("dw_cos_centered", "dW cosine, mean removed"), ("gap_pred", "diffusion gap closed"),
+                           ("retrieval_heldout", "retrieval among test tasks")):
+            lines.append(f"| {label} | {_fmt(s2.get(key))} | {_fmt(single.get(key))} |")
+    if "adaptation" in report:
+        a = report["adaptation"]
+        lines += ["", "| test task | steps from usual start | steps from LoFA prior | speed-up |", "|---|---|---|---|"]
+        for name, u, p, r in zip(a["tasks"], a["steps_usual"], a["steps_prior"], a["speedup"]):
+            lines.append(f"| {name} | {_fmt(u)} | {_fmt(p)} | {_fmt(r)} |")
+    lines += ["", "Goals:", ""] + [f"* {Goal(**g).line()}" for g in report["goals"]]
+    (workdir / "report.md").write_text("\n".join(lines) + "\n")

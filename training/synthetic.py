@@ -2,10 +2,16 @@
 
 Task groups differ in a way their prompt describes: procedurally generated latents whose pattern (stripes,
 columns, checks, rings, diagonals), palette (which channels carry it, how strongly) and motion or intensity
-depend on words in the prompt. A few word combinations are held out (every word is still seen in training), so held-out
-predictions test whether the hypernetwork composes what the prompt says. For WAN the suite also makes its own
-tiny base model (diffusers `WanTransformer3DModel`, saved in ComfyUI/original key layout) and a tiny umT5
-text encoder with a word-level tokenizer, both in local folders loaded the normal way.
+depend on words in the prompt. Each group's clips share the pattern's phase (up to a small jitter), so a task is
+a distinct look, as a personalisation task is; 16 clips per group train its LoRA and 8 more are held out to
+evaluate LoRAs on. Two sets of word combinations are held out as whole tasks: `val` (for choosing settings)
+and `test` (reported); every word is still seen in training, so held-out predictions test whether the
+hypernetwork composes what the prompt says.
+
+The suite's base model knows the domain but not the tasks (`pretrain_base`): a randomly initialised tiny model
+trained on all training tasks' clips under one generic caption. For WAN the suite makes that tiny base model
+itself (diffusers `WanTransformer3DModel`, saved in ComfyUI/original key layout) and a tiny umT5 text encoder
+with a word-level tokenizer, both in local folders loaded the normal way.
 """
 
 from __future__ import annotations
@@ -21,12 +27,17 @@ from lofa_core.families.wan import diffusers_to_comfy_key
 from lofa_core.fileio import save_safetensors
 
 PATTERNS = ("stripes", "columns", "checks", "rings", "diagonals")
-PALETTES = ("pale", "vivid")  # which channels carry the pattern, and how strongly
+PALETTES = ("pale", "vivid", "warm")  # which channels carry the pattern, and how strongly
 MOTIONS = ("still", "drifting", "flickering")  # WAN (video latents have a time axis)
 INTENSITIES = ("faint", "bold", "inverted")  # SDXL (images)
-HELD_OUT = {("pale", "rings", 1), ("vivid", "stripes", 2), ("vivid", "checks", 0), ("pale", "diagonals", 2),
-            ("pale", "columns", 0), ("vivid", "diagonals", 1)}
-AMPLITUDE = {"pale": 0.4, "vivid": 1.6}
+# whole tasks held out, each palette twice and each motion/intensity twice per split
+VAL = {("pale", "columns", 0), ("vivid", "diagonals", 1), ("warm", "rings", 0), ("pale", "checks", 1),
+       ("vivid", "checks", 2), ("warm", "diagonals", 2)}
+TEST = {("pale", "rings", 1), ("vivid", "stripes", 2), ("warm", "checks", 0), ("pale", "diagonals", 2),
+        ("vivid", "columns", 0), ("warm", "stripes", 1)}
+AMPLITUDE = {"pale": 0.4, "vivid": 1.6, "warm": 1.0}
+TRAIN_CLIPS, HELD_OUT_CLIPS = 16, 8
+PHASE_JITTER = 0.3  # radians: clips of one task vary a little around its pattern
 TINY_WAN = dict(dim=128, heads=1, ffn_dim=256, num_layers=2, in_channels=16, text_dim=4096, freq_dim=256)
 
 
@@ -46,16 +57,23 @@ def _pattern(name: str, size: int, phase: float) -> torch.Tensor:
     return torch.sin(k * (x + y) / 1.4 + phase)
 
 
+def channel_weights(palette: str, channels: int) -> torch.Tensor:
+    """How strongly each latent channel carries the pattern: pale the first half, vivid the second, warm the even
+    channels, each at its own amplitude."""
+    weights = torch.zeros(channels)
+    half = channels // 2
+    index = {"pale": slice(0, half), "vivid": slice(half, channels), "warm": slice(0, channels, 2)}[palette]
+    weights[index] = AMPLITUDE[palette]
+    return weights
+
+
 def make_latents(family: str, palette: str, pattern: str, third: int, count: int, seed: int) -> torch.Tensor:
     """[count, C, T, H, W] (WAN) or [count, C, H, W] (SDXL) latents of one task group."""
     gen = torch.Generator().manual_seed(seed)
-    channels = 16 if family == "wan2.1-t2v" else 4
-    weights = torch.full((channels,), 0.15)
-    half = channels // 2
-    (weights[:half] if palette == "pale" else weights[half:]).fill_(AMPLITUDE[palette])
+    weights = channel_weights(palette, 16 if family == "wan2.1-t2v" else 4)
     out = []
     for _ in range(count):
-        phase = float(torch.rand(1, generator=gen)) * 2 * math.pi
+        phase = PHASE_JITTER * (2 * float(torch.rand(1, generator=gen)) - 1)
         amp = 0.8 + 0.4 * float(torch.rand(1, generator=gen))
         base = _pattern(pattern, 8, phase)
         if family == "wan2.1-t2v":
@@ -68,26 +86,32 @@ def make_latents(family: str, palette: str, pattern: str, third: int, count: int
     return torch.stack(out)
 
 
+def split_of(palette: str, pattern: str, third: int) -> str:
+    combo = (palette, pattern, third)
+    return "val" if combo in VAL else "test" if combo in TEST else "train"
+
+
 def prompt_of(family: str, palette: str, pattern: str, third: int) -> str:
     if family == "wan2.1-t2v":
         return f"a {palette} {pattern} pattern that is {MOTIONS[third]}"
     return f"a {palette} {pattern} pattern , {INTENSITIES[third]}"
 
 
-def make_tasks(folder: Path, family: str, per_group: int = 8, seed: int = 0) -> Path:
-    """Latents and tasks.jsonl for every (palette, pattern, motion/intensity) group; returns tasks.jsonl."""
+def make_tasks(folder: Path, family: str, seed: int = 0) -> Path:
+    """Latents ("latents": training clips, "heldout": clips for evaluation) and tasks.jsonl for every
+    (palette, pattern, motion/intensity) group; returns tasks.jsonl."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "latents").mkdir(exist_ok=True)
     lines = []
-    combos = itertools.product(PALETTES, PATTERNS, range(3))
-    for i, (palette, pattern, third) in enumerate(combos):
+    for i, (palette, pattern, third) in enumerate(itertools.product(PALETTES, PATTERNS, range(3))):
         group = f"{palette}_{pattern}_{third}"
         path = folder / "latents" / f"{group}.safetensors"
         if not path.exists():
-            save_safetensors({"latents": make_latents(family, palette, pattern, third, per_group, seed + i)}, path)
-        split = "val" if (palette, pattern, third) in HELD_OUT else "train"
+            clips = make_latents(family, palette, pattern, third, TRAIN_CLIPS + HELD_OUT_CLIPS, seed + i)
+            save_safetensors({"latents": clips[:TRAIN_CLIPS].contiguous(),
+                              "heldout": clips[TRAIN_CLIPS:].contiguous()}, path)
         lines.append({"group": group, "prompt": prompt_of(family, palette, pattern, third),
-                      "latents": f"latents/{group}.safetensors", "split": split})
+                      "latents": f"latents/{group}.safetensors", "split": split_of(palette, pattern, third)})
     tasks = folder / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t) + "\n" for t in lines))
     return tasks
@@ -142,7 +166,7 @@ def make_tiny_umt5(folder: Path, seed: int = 0) -> Path:
 
 
 # -- image and pose variants of the suite: the same tasks, told by a picture or a pose sequence ---------------
-COLORS = {"pale": (0.72, 0.80, 0.95), "vivid": (0.95, 0.22, 0.10)}
+COLORS = {"pale": (0.72, 0.80, 0.95), "vivid": (0.95, 0.22, 0.10), "warm": (0.95, 0.62, 0.15)}
 
 
 def parse_group(group: str) -> tuple[str, str, int]:
@@ -167,7 +191,7 @@ def render_pose_frames(palette: str, pattern: str, third: int, frames: int = 8, 
     """Rendered 'pose' frames [frames, size, size, 3]: a limb from the centre whose start angle follows the
     pattern, whose motion follows the third word (still / turning / swinging) and whose thickness the palette."""
     angle0 = PATTERNS.index(pattern) * 2 * math.pi / len(PATTERNS)
-    width = 1.2 if palette == "pale" else 3.0
+    width = {"pale": 1.2, "vivid": 3.0, "warm": 2.0}[palette]
     y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                           indexing="ij")
     c = (size - 1) / 2
@@ -233,3 +257,46 @@ def make_condition_dataset(text_dataset: Path, kind: str, out: Path, image_encod
         encode_dataset(out, None, CLIPVisionFeatures(image_encoder),
                        CLIPVisionFeatures(image_encoder_2) if image_encoder_2 else None)
     return out
+
+
+# -- the suite's base model knows the domain, not the tasks ---------------------------------------------------
+GENERIC_CAPTION = "a pattern"
+
+
+def pretrain_base(base_model: Path, tasks: Path, text_encoder: str, out: Path, steps: int, lr: float,
+                  batch_size: int, seed: int = 0) -> Path:
+    """Fine-tune every weight of the (randomly initialised) tiny base model on the training tasks' latents as one
+    mixture under a generic caption, then save it like `base_model` to `out`.
+
+    A real base model (WAN, SDXL) already generates its domain; a LoRA then only adds what is specific to its
+    task. Without this step every per-task LoRA would mostly learn the domain itself, the same for all tasks.
+    """
+    from tqdm import tqdm
+
+    from lofa_core.conditioning import DEFAULT_FOR_FAMILY, prepare_condition
+
+    from .base_models import load_base_model, make_captions
+    from .conditions import load_text_encoder
+    from .dataset import load_latents
+    from .lora_builder import read_tasks
+
+    base = load_base_model(base_model)
+    tokens, pooled = load_text_encoder(text_encoder, base.family).encode(GENERIC_CAPTION)
+    caption = prepare_condition(tokens, pooled, DEFAULT_FOR_FAMILY[base.family])
+    pool = torch.cat([load_latents(tasks.parent / t["latents"]).float() for t in read_tasks(tasks)
+                      if t.get("split", "train") == "train"])
+    captions = make_captions([caption.tokens], None if caption.pooled is None else [caption.pooled],
+                             repeat=batch_size)
+    params = list(base.model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    base.model.train()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="base model", unit="step"):
+        batch = pool[torch.randint(len(pool), (batch_size,), generator=gen)]
+        base.diffusion_loss(batch, captions, None, gen).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return base.save_like(base_model, out)
