@@ -59,7 +59,8 @@ class LoFASaveLoRA:
         metadata = {"lofa.generator": f"ComfyUI-LoFA {lofa_core.__version__}", "lofa.family": family,
                     "lofa.rank": str(next(iter(factors.values())).rank)}
         root = folder_paths.get_folder_paths("loras")[0]
-        path = save_numbered(tensors, root, filename_prefix.strip() or "LoFA/lofa", metadata)
+        path = save_numbered(tensors, root, filename_prefix.strip() or "LoFA/lofa", metadata,
+                             label="models/loras")
         relative = os.path.relpath(path, root)
         log.info("LoFA: saved LoRA to %s", path)
         return {"ui": {"lofa_lora": [relative]}, "result": ()}

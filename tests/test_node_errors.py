@@ -130,3 +130,50 @@ def test_apply_rejects_a_lora_for_another_model(comfy, model_dirs):
     with pytest.raises(errors(comfy).LoRAFormatError, match="fit no layer of this MODEL.*different base model"):
         node(comfy, "LoFAApplyLoRA").apply(sdxl, lora, 1.0)
     assert not sdxl.patches
+
+
+def small_lora_model(value: float = 0.01, rank: int = 2) -> dict[str, torch.Tensor]:
+    """A LORA_MODEL dict for two SDXL layers, as LoFA Predict LoRA returns it."""
+    paths = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "middle_block.1.transformer_blocks.0.attn2.to_k"]
+    lora = {}
+    for path in paths:
+        lora[f"diffusion_model.{path}.lora_up.weight"] = torch.full((8, rank), value)
+        lora[f"diffusion_model.{path}.lora_down.weight"] = torch.full((rank, 8), value)
+        lora[f"diffusion_model.{path}.alpha"] = torch.tensor(float(rank))
+    return lora
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("prefix,saved", [(".", "lofa_00001.safetensors"), ("./", "lofa_00001.safetensors"),
+                                          ("./.", "lofa_00001.safetensors"), ("LoFA/", "LoFA/lofa_00001.safetensors"),
+                                          ("LoFA/./x", "LoFA/x_00001.safetensors")])
+def test_save_prefix_always_stays_in_the_loras_folder(comfy, model_dirs, tmp_path, prefix, saved):
+    result = node(comfy, "LoFASaveLoRA").save(small_lora_model(), prefix, "auto", "float16")
+    assert result["ui"]["lofa_lora"] == [saved]
+    assert files_under(tmp_path) == [f"loras/{saved}"], "nothing may be written outside models/loras"
+
+
+@pytest.mark.parametrize("prefix,why", [("../x", "does not stay inside"), ("LoFA/../../x", "does not stay inside"),
+                                        ("/tmp/lofa_escape", "does not stay inside"), ("..", "does not stay inside"),
+                                        ("a\0b", "contains a NUL character")])
+def test_save_prefix_escaping_the_loras_folder_is_refused(comfy, model_dirs, tmp_path, prefix, why):
+    with pytest.raises(errors(comfy).LoFAError, match=f"filename_prefix .* {why}") as err:
+        node(comfy, "LoFASaveLoRA").save(small_lora_model(), prefix, "auto", "float16")
+    assert "models/loras" in str(err.value) and "'LoFA/lofa'" in str(err.value), "the message names the fix"
+    assert files_under(tmp_path) == [] and not list(tmp_path.parent.glob("x_0*"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_lora_gets_the_usual_file_permissions(comfy, model_dirs, umask):
+    import os
+
+    old = os.umask(umask)
+    try:
+        result = node(comfy, "LoFASaveLoRA").save(small_lora_model(), "LoFA/perm", "auto", "float16")
+    finally:
+        os.umask(old)
+    mode = (model_dirs.loras / result["ui"]["lofa_lora"][0]).stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask, oct(mode)
