@@ -235,6 +235,9 @@ def prepare_condition(tokens: torch.Tensor, pooled: torch.Tensor | None, spec: C
         if pooled_out.shape[0] != spec.pooled_dim:
             raise ConditionError(f"The pooled text embedding is {pooled_out.shape[0]} wide; this LoFA checkpoint "
                                  f"expects {spec.pooled_dim} from the {spec.encoder}.")
+        if not torch.isfinite(pooled_out).all():
+            raise ConditionError("The pooled text embedding contains NaN or Inf values; re-encode the prompt with "
+                                 "CLIP Text Encode.")
     return Condition(tokens=tokens, pooled=pooled_out, real_tokens=min(real, spec.length or real))
 
 

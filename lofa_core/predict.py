@@ -15,13 +15,14 @@ import torch
 
 from .checkpoint import LoFACheckpoint
 from .conditioning import KIND_POSE, Condition, collapse_padding
-from .errors import LoFAError, WeightError
+from .errors import ConditionError, LoFAError, WeightError
 from .layers import Context, PromptKV
 from .lora_formats import LoRAFactors, PredictedLoRA
 from .response import ResponseMaps, preview_map
 from .targets import Target
 
 ReadWeight = Callable[[Target], torch.Tensor]
+FP16_FIX = "choose bfloat16 or float32 in Load LoFA Model (float16 overflows easily)"
 
 
 @dataclass
@@ -59,6 +60,7 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
     with torch.no_grad():  # not inference_mode: the LoRA tensors may feed autograd later (training nodes)
         ctx1 = encode_prompt(net.stage1, condition, device, dtype)
         ctx2 = encode_prompt(net.stage2, condition, device, dtype) if with_lora else None
+        _check_prompt_encoding(ctx1 + (ctx2 or []), condition, dtype)
         for done, chunk in enumerate(chunks, start=1):
             w = torch.stack([_checked_weight(read_weight(t), t).to(device) for t in chunk])  # W's own dtype
             depth = torch.tensor([t.depth for t in chunk], device=device)
@@ -66,6 +68,7 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
             prepared = net.stage1.prepare_weights(w)  # normalised once, shared by both stages if they can
             feats, logits = net.stage1.forward_features(w, depth, kind, ctx1, logits=with_response, prepared=prepared)
             if with_response:
+                _check_outputs(ckpt.name, chunk, dtype, {"the response map": logits})
                 probs = torch.sigmoid(logits.float())
                 actives.extend((probs > 0.5).float().mean(dim=(1, 2)).tolist())
                 maps.extend(preview_map(probs).unbind(0))
@@ -74,6 +77,7 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
             if with_lora:
                 shared = prepared if net.stage2.cfg.patch_size == net.stage1.cfg.patch_size else None
                 a, b, alpha = net.stage2(w, depth, kind, ctx2, feats, prepared=shared)
+                _check_outputs(ckpt.name, chunk, dtype, {"B": b, "A": a, "alpha": alpha})
                 a = a.float().to(output_device)
                 b = b.float().to(output_device)
                 for i, t in enumerate(chunk):
@@ -104,6 +108,37 @@ def encode_prompt(stage, condition: Condition, device: torch.device, dtype: torc
     pooled = condition.pooled.unsqueeze(0).to(device=device, dtype=dtype) if condition.pooled is not None else None
     return stage.prompt_cache(stage.encode_collapsed(tokens.unsqueeze(0).to(device=device, dtype=dtype),
                                                      log_counts.unsqueeze(0).to(device=device), pooled))
+
+
+def _check_prompt_encoding(kvs: Sequence[PromptKV], condition: Condition, dtype: torch.dtype) -> None:
+    """Prompt values far outside any encoder's range overflow the hypernetwork's keys/values into NaN/Inf."""
+    if all(torch.isfinite(kv.k).all() and torch.isfinite(kv.v).all() for kv in kvs):
+        return
+    parts = [condition.tokens] + ([condition.pooled] if condition.pooled is not None else [])
+    largest = max(float(x.abs().max()) for x in parts)
+    raise ConditionError(
+        f"The prompt condition overflows the LoFA hypernetwork in {_dtype_name(dtype)}: its values reach "
+        f"{largest:.3g}, far beyond what a text, image or pose encoder gives. Re-encode the prompt with the "
+        f"encoder the checkpoint expects (CLIP Text Encode, CLIP Vision Encode or pose frames)"
+        f"{'; or ' + FP16_FIX if dtype == torch.float16 else ''}."
+    )
+
+
+def _check_outputs(name: str, chunk: Sequence[Target], dtype: torch.dtype, outputs: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN/Inf in a chunk's predictions, naming the first layer and output that has them."""
+    bad = {label: (~torch.isfinite(x)).flatten(1).any(dim=1) for label, x in outputs.items()}
+    for i, t in enumerate(chunk):
+        labels = [label for label, flags in bad.items() if flags[i]]
+        if labels:
+            raise LoFAError(
+                f"LoFA's prediction for {t.key} is not finite (NaN or Inf in {', '.join(labels)}), so no LoRA is "
+                f"returned. The LoFA checkpoint '{name}' overflows {_dtype_name(dtype)} on this layer: "
+                f"{FP16_FIX if dtype == torch.float16 else 'it is damaged or was not trained for these base weights'}."
+            )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _checked_weight(w: torch.Tensor, t: Target) -> torch.Tensor:
