@@ -7,6 +7,7 @@ files and LORA_MODEL dicts store `alpha_stored = scale * r`; patches carry the s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -151,6 +152,32 @@ def check_lora_shapes(factors: Mapping[str, LoRAFactors], shapes: Mapping[str, t
                 f"{source}: the LoRA for '{path}' is {f.up.shape[0]}x{f.down.shape[1]} but the model's weight is "
                 f"{out_f}x{in_f}. This LoRA was made for a different base model."
             )
+
+
+def check_finite(factors: Mapping[str, LoRAFactors], source: str) -> None:
+    """Raise if any factor or scale is NaN/Inf: such a LoRA turns every image it touches black."""
+    for path, f in factors.items():
+        for label, x in (("lora_up", f.up), ("lora_down", f.down)):
+            if not torch.isfinite(x).all():
+                raise LoRAFormatError(f"{source}: {label} of '{path}' contains NaN or Inf values, so the LoRA would "
+                                      f"break the model. Predict it again (see the log of LoFA Predict LoRA).")
+        if not math.isfinite(f.scale):
+            raise LoRAFormatError(f"{source}: the alpha of '{path}' is {f.scale}; the LoRA is broken.")
+
+
+def check_fits_dtype(factors: Mapping[str, LoRAFactors], dtype: torch.dtype, source: str, fix: str) -> None:
+    """Raise if a factor would turn into Inf when stored as `dtype` (float16 ends at 65504), or its stored alpha
+    (float32) would."""
+    limit = torch.finfo(dtype).max
+    alpha_limit = torch.finfo(torch.float32).max
+    for path, f in factors.items():
+        for label, x in (("lora_up", f.up), ("lora_down", f.down)):
+            largest = float(x.abs().max()) if x.numel() else 0.0
+            if largest > limit:
+                raise LoRAFormatError(f"{source}: {label} of '{path}' has values up to {largest:.3g}, beyond "
+                                      f"{str(dtype).removeprefix('torch.')}'s range (+-{limit:.6g}); {fix}.")
+        if abs(f.scale * f.rank) > alpha_limit:
+            raise LoRAFormatError(f"{source}: the alpha of '{path}' ({f.scale * f.rank:.3g}) does not fit float32.")
 
 
 def looks_like_sdxl(paths: Iterable[str]) -> bool:

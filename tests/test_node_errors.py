@@ -177,3 +177,69 @@ def test_saved_lora_gets_the_usual_file_permissions(comfy, model_dirs, umask):
         os.umask(old)
     mode = (model_dirs.loras / result["ui"]["lofa_lora"][0]).stat().st_mode & 0o777
     assert mode == 0o666 & ~umask, oct(mode)
+
+
+def test_nan_pooled_or_huge_prompt_values_are_refused(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    handle = load(comfy, "m.safetensors")
+    err = errors(comfy).ConditionError
+    nan_pooled = sdxl_conditioning()
+    nan_pooled[0][1]["pooled_output"][0, 3] = float("nan")
+    with pytest.raises(err, match="pooled text embedding contains NaN or Inf.*re-encode"):
+        predict(comfy, model, handle, nan_pooled)
+    huge = sdxl_conditioning()
+    huge[0][0].mul_(1e30)  # finite in float32, but no text encoder gives such values
+    with pytest.raises(err, match="prompt condition overflows.*reach [0-9.]+e\\+30.*Re-encode the prompt"):
+        predict(comfy, model, handle, huge)
+
+
+def test_non_finite_prediction_is_refused_naming_the_layer(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    handle = load(comfy, "m.safetensors")
+    with torch.no_grad():  # a checkpoint whose B head overflows float32 on every layer
+        for name, p in handle.checkpoint.net.stage2.named_parameters():
+            if name.startswith("head_B."):
+                p.fill_(3e38)
+    with pytest.raises(errors(comfy).LoFAError, match="prediction for diffusion_model\\..* is not finite .*B"):
+        predict(comfy, model, handle, sdxl_conditioning())
+
+
+def test_save_refuses_non_finite_factors_and_float16_overflow(comfy, model_dirs):
+    save = node(comfy, "LoFASaveLoRA").save
+    err = errors(comfy).LoRAFormatError
+    broken = small_lora_model()
+    next(v for k, v in broken.items() if k.endswith("lora_down.weight"))[0, 0] = float("nan")
+    with pytest.raises(err, match="lora_down of 'input_blocks.4.1.transformer_blocks.0.attn1.to_q'.*NaN or Inf"):
+        save(broken, "LoFA/x", "auto", "float32")
+    big = small_lora_model(value=7e4)  # finite, but beyond float16's largest value 65504
+    with pytest.raises(err, match="up to 7e\\+04.*float16.*65504.*bfloat16 or float32"):
+        save(big, "LoFA/x", "auto", "float16")
+    assert files_under(model_dirs.loras) == []
+    (saved,) = save(big, "LoFA/x", "auto", "float32")["ui"]["lofa_lora"]
+    from safetensors.torch import load_file
+
+    values = load_file(model_dirs.loras / saved)
+    assert all(torch.isfinite(v).all() for v in values.values())
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), float("-inf")])
+def test_apply_refuses_a_non_finite_strength(comfy, model_dirs, strength):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    lora, _ = predict(comfy, model, load(comfy, "m.safetensors"), sdxl_conditioning())
+    with pytest.raises(errors(comfy).LoFAError, match="strength_model is .*; set a finite number such as 1.0"):
+        node(comfy, "LoFAApplyLoRA").apply(model, lora, strength)
+    assert not model.patches
+
+
+def test_apply_refuses_a_nan_lora(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    lora, _ = predict(comfy, model, load(comfy, "m.safetensors"), sdxl_conditioning())
+    broken = {k: v.clone() for k, v in lora.items()}
+    next(v for k, v in broken.items() if k.endswith("lora_up.weight"))[0, 0] = float("nan")
+    with pytest.raises(errors(comfy).LoRAFormatError, match="lora_up of '.*' contains NaN or Inf.*Predict it again"):
+        node(comfy, "LoFAApplyLoRA").apply(model, broken, 1.0)
+    assert not model.patches
