@@ -9,6 +9,7 @@ other file ComfyUI writes.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -115,6 +116,29 @@ def numbered_location(directory: str | os.PathLike, prefix: str, default_name: s
     return directory.joinpath(*parts), stem
 
 
-def load_torch_weights_only(path: str | os.PathLike) -> object:
-    """torch.load restricted to tensors and plain containers (no arbitrary pickled code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_torch_weights_only(path: str | os.PathLike, error: type[Exception] = LoFAError) -> object:
+    """torch.load restricted to tensors and plain containers (no arbitrary pickled code).
+
+    Any failure becomes `error` with a message naming the file and saying whether it is damaged or holds pickled
+    objects that a weights-only load refuses (torch raises RuntimeError, UnpicklingError, EOFError, struct.error,
+    OSError, ... depending on where a file is cut)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise error(f"'{path}' does not exist.") from err
+    except Exception as err:
+        text = str(err)
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:
+            detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                          "")
+            raise error(  # a cut file can end in a garbled opcode, so both causes are named
+                f"'{path.name}' was refused by the weights-only loader{f' ({detail[:160]})' if detail else ''}: it "
+                f"holds pickled objects other than tensors, or it is truncated or corrupt. LoFA never runs pickled "
+                f"code: save it with tensors only (or as .safetensors), or copy it again."
+            ) from err
+        raise error(
+            f"'{path.name}' could not be read as a PyTorch weights file ({type(err).__name__}: "
+            f"{text.splitlines()[0] if text else 'no detail'}). It is truncated or corrupt: copy or download it "
+            f"again."
+        ) from err
