@@ -217,6 +217,9 @@ def prepare_condition(tokens: torch.Tensor, pooled: torch.Tensor | None, spec: C
             raise ConditionError("The prompt condition is all zeros (an empty prompt?). Type a prompt.")
         real = int(nonzero[-1]) + 1
         tokens = tokens[:real]
+        if real == 1:  # umT5 of "" is its end-of-text token alone
+            log.warning("The prompt is empty (only the end-of-text token): LoFA predicts a LoRA for no particular "
+                        "subject; type a prompt in CLIP Text Encode.")
     if spec.length is not None:
         if real > spec.length:
             log.warning("prompt has %d tokens; LoFA uses the first %d, as in training", real, spec.length)

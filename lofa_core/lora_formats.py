@@ -115,6 +115,10 @@ def read_lora_state_dict(sd: Mapping[str, torch.Tensor], module_paths: Iterable[
                 raise LoRAFormatError(f"{source}: '{key}' {list(up.shape)} and '{down_key}' {list(down.shape)} "
                                       f"are not a LoRA pair of a linear layer ([out, r] and [r, in]).")
             alpha_key = base + ".alpha"
+            if down.shape[0] == 0:
+                raise LoRAFormatError(f"{source}: '{key}' has rank 0 (no columns), so its "
+                                      f"{'alpha cannot be scaled by the rank and ' if alpha_key in sd else ''}"
+                                      f"the LoRA is empty. Predict or save it again with rank 1 or more.")
             scale = 1.0
             if alpha_key in sd:
                 scale = float(sd[alpha_key]) / down.shape[0]

@@ -51,6 +51,12 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
     if with_lora and net.stage2 is None:
         raise LoFAError(f"LoFA checkpoint '{ckpt.name}' has only Stage-I (response maps); predicting a LoRA "
                         f"needs a checkpoint with Stage-II.")
+    loaded = {p.dtype for p in net.parameters() if p.is_floating_point()}
+    if loaded != {dtype}:
+        names = ", ".join(sorted(_dtype_name(d) for d in loaded))
+        raise LoFAError(f"predict was asked to compute in {_dtype_name(dtype)}, but the hypernetwork of '{ckpt.name}' "
+                        f"is loaded in {names}: load it with load_checkpoint(path, dtype={dtype}) or call "
+                        f"ckpt.net.to({dtype}) first.")
     for t in targets:
         if problem := net.shape_problem(t.out_features, t.in_features):
             raise LoFAError(f"LoFA checkpoint '{ckpt.name}' cannot take {t.key}: {problem}.")

@@ -243,3 +243,67 @@ def test_apply_refuses_a_nan_lora(comfy, model_dirs):
     with pytest.raises(errors(comfy).LoRAFormatError, match="lora_up of '.*' contains NaN or Inf.*Predict it again"):
         node(comfy, "LoFAApplyLoRA").apply(model, broken, 1.0)
     assert not model.patches
+
+
+def test_rank_zero_lora_is_named_not_a_zero_division(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    lora, _ = predict(comfy, model, load(comfy, "m.safetensors"), sdxl_conditioning())
+    empty = {k: (v[:, :0] if k.endswith("lora_up.weight") else v[:0] if k.endswith("lora_down.weight") else v)
+             for k, v in lora.items()}
+    with pytest.raises(errors(comfy).LoRAFormatError, match="rank 0 .*alpha.*empty"):
+        node(comfy, "LoFAApplyLoRA").apply(model, empty, 1.0)
+
+
+def test_rank_above_the_checkpoints_is_reported(comfy, model_dirs, caplog):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    handle = load(comfy, "m.safetensors")
+    rank = handle.checkpoint.net.stage2.cfg.rank
+    with caplog.at_level("WARNING"):
+        lora, _ = node(comfy, "LoFAPredictLoRA").predict(model, handle, sdxl_conditioning(), "all", rank + 60, 8)
+    assert any(f"rank {rank + 60} is above the checkpoint's rank {rank}" in r.getMessage() and
+               f"keeps rank {rank}" in r.getMessage() for r in caplog.records), caplog.text
+    assert {v.shape[0] for k, v in lora.items() if k.endswith("lora_down.weight")} == {rank}
+
+
+def test_predict_in_another_dtype_than_the_network_is_a_clear_error(comfy, model_dirs):
+    from lofa_core.checkpoint import load_checkpoint
+    from lofa_core.conditioning import prepare_condition
+    from lofa_core.predict import predict as core_predict
+
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    catalog = make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    ckpt = load_checkpoint(model_dirs.lofa / "m.safetensors")  # float32
+    weights = model.model_state_dict()
+    cond = prepare_condition(*[sdxl_conditioning()[0][0], sdxl_conditioning()[0][1]["pooled_output"]], SDXL_TEXT)
+    with pytest.raises(ValueError, match="bfloat16.*'m.safetensors' is loaded in float32.*dtype=torch.bfloat16"):
+        core_predict(ckpt, catalog.targets, lambda t: weights[t.key], cond, device=torch.device("cpu"),
+                     dtype=torch.bfloat16)
+
+
+def test_lofa_folder_from_extra_model_paths_lists_only_checkpoints(comfy, tmp_path, monkeypatch):
+    """extra_model_paths.yaml adds `lofa: path` before custom nodes load, with an empty extension set."""
+    fp = comfy.folder_paths
+    monkeypatch.delitem(fp.folder_names_and_paths, "lofa", raising=False)
+    if isinstance(getattr(fp, "filename_list_cache", None), dict):
+        monkeypatch.setattr(fp, "filename_list_cache", {})
+    fp.add_model_folder_path("lofa", str(tmp_path))  # what ComfyUI does for the yaml entry
+    for name in ("a.safetensors", "stage2_x.pth", "notes.txt", "image.png", "b.ckpt"):
+        (tmp_path / name).write_bytes(b"x")
+    comfy.pack.nodes.comfy_compat.register_model_folder()
+    paths, _ = fp.folder_names_and_paths["lofa"]
+    assert paths[0] == str(tmp_path) and paths[-1].endswith("lofa")
+    assert sorted(fp.get_filename_list("lofa")) == ["a.safetensors", "stage2_x.pth"]
+
+
+def test_empty_wan_prompt_gets_a_warning(comfy, model_dirs, caplog):
+    wan_patcher, _ = tiny_wan.build_view_patcher(seed=0)
+    wan_checkpoint(wan_patcher, model_dirs.lofa / "wan.safetensors")
+    handle = load(comfy, "wan.safetensors")
+    with caplog.at_level("WARNING"):
+        predict(comfy, wan_patcher, handle, wan_conditioning(real_tokens=5))
+    assert "empty" not in caplog.text
+    with caplog.at_level("WARNING"):
+        predict(comfy, wan_patcher, handle, wan_conditioning(real_tokens=1))  # umT5 of "": only the EOS token
+    assert "The prompt is empty" in caplog.text and "type a prompt in CLIP Text Encode" in caplog.text
