@@ -177,3 +177,34 @@ def test_predictions_are_reused_only_for_the_same_checkpoint_weights_and_prompt(
     run_nodes(comfy, other, "tiny.safetensors", sdxl_conditioning(seed=5))
     run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=5), rank=2)  # other options
     assert len(calls) == 4
+
+
+def test_prediction_cache_is_bounded_by_bytes_not_entries(comfy, model_dirs, monkeypatch):
+    cache = comfy.pack.nodes.prediction_cache
+    cache.clear()
+    module = comfy.pack.nodes.predict
+    calls = []
+    real = module.predict
+    monkeypatch.setattr(module, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = comfy.tiny_sdxl.build_model(seed=8)
+    make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=8)
+    lora, response = run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=20))
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                for v in [*lora.values(), *response.maps]}  # the maps of one chunk are views of one tensor
+    size = cache.tensor_bytes((lora, response))
+    assert size == sum(storages.values()) and size > sum(v.numel() * 4 for v in lora.values())
+
+    monkeypatch.setenv("LOFA_PREDICTION_CACHE_MB", str(2.5 * size / 2**20))  # room for two predictions
+    for seed in (21, 22, 23, 24):
+        run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=seed))
+        assert cache.total_bytes() <= 2.5 * size
+    assert len(calls) == 5 and cache.total_bytes() == 2 * size
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=24))  # kept
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=23))  # kept
+    assert len(calls) == 5
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=21))  # evicted: predicted again
+    assert len(calls) == 6
+
+    monkeypatch.setenv("LOFA_PREDICTION_CACHE_MB", "0")  # off
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=21))
+    assert len(calls) == 7 and cache.total_bytes() == 0
