@@ -161,12 +161,18 @@ def test_lora_model_plugs_into_stock_lora_model_loader(comfy, model_dirs):
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-6, atol=1e-7)
 
 
-def test_predictions_are_reused_only_for_the_same_checkpoint_weights_and_prompt(comfy, model_dirs, monkeypatch):
+def count_predictions(comfy, monkeypatch) -> list:
+    """Empty the prediction cache; the returned list grows by one each time the hypernetwork really runs."""
     module = comfy.pack.nodes.predict
     comfy.pack.nodes.prediction_cache.clear()
     calls = []
     real = module.predict
     monkeypatch.setattr(module, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_predictions_are_reused_only_for_the_same_checkpoint_weights_and_prompt(comfy, model_dirs, monkeypatch):
+    calls = count_predictions(comfy, monkeypatch)
     model = comfy.tiny_sdxl.build_model(seed=4)
     make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=4)
     first, _ = run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=5))
@@ -181,11 +187,7 @@ def test_predictions_are_reused_only_for_the_same_checkpoint_weights_and_prompt(
 
 def test_prediction_cache_is_bounded_by_bytes_not_entries(comfy, model_dirs, monkeypatch):
     cache = comfy.pack.nodes.prediction_cache
-    cache.clear()
-    module = comfy.pack.nodes.predict
-    calls = []
-    real = module.predict
-    monkeypatch.setattr(module, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_predictions(comfy, monkeypatch)
     model = comfy.tiny_sdxl.build_model(seed=8)
     make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=8)
     lora, response = run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=20))
