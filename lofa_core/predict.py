@@ -132,7 +132,7 @@ def _check_prompt_encoding(kvs: Sequence[PromptKV], condition: Condition, dtype:
 
 def _check_outputs(name: str, chunk: Sequence[Target], dtype: torch.dtype, outputs: dict[str, torch.Tensor]) -> None:
     """Refuse NaN/Inf in a chunk's predictions, naming the first layer and output that has them."""
-    bad = {label: (~torch.isfinite(x)).flatten(1).any(dim=1) for label, x in outputs.items()}
+    bad = {label: (~torch.isfinite(x)).flatten(1).any(dim=1).tolist() for label, x in outputs.items()}  # one sync
     for i, t in enumerate(chunk):
         labels = [label for label, flags in bad.items() if flags[i]]
         if labels:
