@@ -25,11 +25,11 @@ def sdxl_conditioning(seed: int = 0, chunks: int = 1):
     return [[cond, {"pooled_output": pooled}]]
 
 
-def make_checkpoint(comfy, model, path, seed=0):
+def make_checkpoint(comfy, model, path, seed=0, **sizes):
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
     catalog = build_catalog(shapes)
     torch.manual_seed(seed)
-    net = randomise_lora_heads_(new_hypernet(catalog, SDXL_TEXT, **SMALL), seed=seed)
+    net = randomise_lora_heads_(new_hypernet(catalog, SDXL_TEXT, **(SMALL | sizes)), seed=seed)
     save_checkpoint(path, net, catalog, SDXL_TEXT, provenance={"trained": False, "source": "test"})
     return catalog
 
