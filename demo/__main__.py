@@ -13,6 +13,8 @@ initialised LoFA checkpoint (plumbing only).
 from __future__ import annotations
 
 import argparse
+import filecmp
+import hashlib
 import json
 import shutil
 import sys
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demo import runtime
+from lofa_core.errors import LoFAError
+from lofa_core.fileio import publish_new_file
 
 TINY_CKPT = "lofa_demo_tiny_sdxl.safetensors"
 TRAINED_BASE = "lofa_demo_tiny_sdxl_domain.safetensors"  # the tiny SDXL after the suite taught it the domain
@@ -37,7 +41,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     choice.add_argument("--untrained", action="store_true", help="use a randomly initialised LoFA checkpoint")
     parser.add_argument("--workdir", type=Path, default=runtime.REPO / ".cache" / "demo")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps (default 4)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.checkpoint is not None and (problem := checkpoint_problem(args.checkpoint)):
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")  # one line: the usage is not the problem
+    return args
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why --checkpoint cannot be used before anything is loaded, or None."""
+    if not path.exists():
+        return f"--checkpoint {path}: no such file"
+    if not path.is_file():
+        return f"--checkpoint {path} is not a file; give a LoFA checkpoint .safetensors file"
+    if path.suffix == ".pth":
+        return (f"--checkpoint {path} is a PyTorch .pth file (the authors' release?); convert it first: "
+                f"python -m lofa_core.convert_official --stage1 stage1_preview.pth --stage2 stage2_preview.pth "
+                f"--out lofa.safetensors, then pass the .safetensors file")
+    if path.suffix != ".safetensors":
+        return f"--checkpoint {path} is not a .safetensors file; the demo takes a LoFA checkpoint .safetensors"
+    return None
 
 
 @dataclass
@@ -70,14 +92,17 @@ def build_models(root: Path, workdir: Path, checkpoint: Path | None, untrained: 
     if checkpoint is not None:
         given = load_checkpoint(checkpoint)
         check_compatible(given.catalog, catalog, checkpoint.name)
-        target = lofa_dir / checkpoint.name
-        if not target.exists():
-            shutil.copy2(checkpoint, target)
-        return DemoModels(target.name, given.trained, TINY_CKPT)
+        return DemoModels(install_checkpoint(checkpoint, lofa_dir), given.trained, TINY_CKPT)
     if not untrained:
-        report = train_on_suite(ckpt_path, workdir / "train")
-        shutil.copyfile(report["checkpoint"], lofa_dir / TRAINED)
-        shutil.copyfile(report["base_model"], ckpt_path.with_name(TRAINED_BASE))
+        target = lofa_dir / TRAINED
+        report = train_on_suite(ckpt_path, workdir / "train", cached=target.exists() and (workdir / "train").exists())
+        trained = Path(report["checkpoint"])
+        if target.exists() and filecmp.cmp(trained, target, shallow=False):
+            print(f"using the LoFA checkpoint trained on an earlier run ({trained})", flush=True)
+        else:
+            publish_new_file(target, lambda tmp: shutil.copyfile(trained, tmp), overwrite=True)
+        base = ckpt_path.with_name(TRAINED_BASE)
+        publish_new_file(base, lambda tmp: shutil.copyfile(report["base_model"], tmp), overwrite=True)
         return DemoModels(TRAINED, True, TRAINED_BASE, report)
     if not (lofa_dir / UNTRAINED).exists():
         torch.manual_seed(0)
@@ -87,9 +112,22 @@ def build_models(root: Path, workdir: Path, checkpoint: Path | None, untrained: 
     return DemoModels(UNTRAINED, False, TINY_CKPT)
 
 
-def train_on_suite(tiny_checkpoint: Path, workdir: Path) -> dict:
-    """`python -m training suite --family sdxl` on the demo's tiny SDXL (cached after the first run): the base
-    model learns the domain, then LoFA learns the tasks; returns the suite's report."""
+def install_checkpoint(checkpoint: Path, lofa_dir: Path) -> str:
+    """Copy the user's checkpoint into the demo's models/lofa and return its name there. A different file that
+    already has the name (an older version) is neither used nor replaced: the copy is named by its content."""
+    target = lofa_dir / checkpoint.name
+    if target.exists() and not filecmp.cmp(checkpoint, target, shallow=False):
+        digest = hashlib.blake2b(checkpoint.read_bytes(), digest_size=6).hexdigest()
+        target = lofa_dir / f"{checkpoint.stem}-{digest}{checkpoint.suffix}"
+    if not target.exists():
+        publish_new_file(target, lambda tmp: shutil.copyfile(checkpoint, tmp))
+    return target.name
+
+
+def train_on_suite(tiny_checkpoint: Path, workdir: Path, cached: bool = False) -> dict:
+    """`python -m training suite --family sdxl` on the demo's tiny SDXL (cached after the first run; `cached`:
+    an earlier run's checkpoint exists, so the suite most likely only checks its settings): the base model
+    learns the domain, then LoFA learns the tasks; returns the suite's report."""
     import comfy.sd
     import torch
 
@@ -102,12 +140,25 @@ def train_on_suite(tiny_checkpoint: Path, workdir: Path) -> dict:
             _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
                                                                   output_clip=True)
         tiny_sdxl.export_text_encoders(clip, encoders)
-    print("training LoFA on the synthetic task suite (once; cached in .cache/demo/train) ...", flush=True)
+    if cached:
+        print(f"checking the LoFA training cached in {workdir} (it retrains only if its settings changed) ...",
+              flush=True)
+    else:
+        print(f"training LoFA on the synthetic task suite (about 3 minutes, once; cached in {workdir}) ...",
+              flush=True)
     return run_suite(workdir, "sdxl", str(tiny_checkpoint), str(encoders), DEMO_TRAINING)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except LoFAError as err:  # bad input (a checkpoint that does not fit, ...): one line, not a traceback
+        print(f"python -m demo: {err}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
     source = runtime.runtime_root()
     runtime.import_comfy(source)
     root = runtime.prepare_server_root(source, args.workdir / "comfyui")

@@ -217,6 +217,9 @@ def prepare_condition(tokens: torch.Tensor, pooled: torch.Tensor | None, spec: C
             raise ConditionError("The prompt condition is all zeros (an empty prompt?). Type a prompt.")
         real = int(nonzero[-1]) + 1
         tokens = tokens[:real]
+        if real == 1:  # umT5 of "" is its end-of-text token alone
+            log.warning("The prompt is empty (only the end-of-text token): LoFA predicts a LoRA for no particular "
+                        "subject; type a prompt in CLIP Text Encode.")
     if spec.length is not None:
         if real > spec.length:
             log.warning("prompt has %d tokens; LoFA uses the first %d, as in training", real, spec.length)
@@ -235,6 +238,9 @@ def prepare_condition(tokens: torch.Tensor, pooled: torch.Tensor | None, spec: C
         if pooled_out.shape[0] != spec.pooled_dim:
             raise ConditionError(f"The pooled text embedding is {pooled_out.shape[0]} wide; this LoFA checkpoint "
                                  f"expects {spec.pooled_dim} from the {spec.encoder}.")
+        if not torch.isfinite(pooled_out).all():
+            raise ConditionError("The pooled text embedding contains NaN or Inf values; re-encode the prompt with "
+                                 "CLIP Text Encode.")
     return Condition(tokens=tokens, pooled=pooled_out, real_tokens=min(real, spec.length or real))
 
 

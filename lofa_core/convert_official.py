@@ -27,6 +27,7 @@ from .conditioning import WAN_TEXT
 from .config import HEAD_POOLED, RESPONSE_SOFTPLUS_TAU, HyperNetConfig
 from .errors import CheckpointError
 from .families.wan import ATTENTION_TYPES
+from .fileio import load_torch_weights_only
 from .hypernet import LoFAHypernet
 from .targets import TargetCatalog, build_catalog
 
@@ -40,16 +41,7 @@ _INJECT = re.compile(r"^cross_attn_blocks\.(\d+)\.")
 def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat tensor dict from an official `.pth` (weights only, `module.`/`_orig_mod.` prefixes removed)."""
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"'{path}' does not exist.") from err
-    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... for damaged files
-        raise CheckpointError(
-            f"'{path.name}' could not be read as a weights-only PyTorch file ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no detail'}). It may be truncated or corrupt (download it "
-            f"again), or contain pickled objects other than tensors, which this converter refuses to load."
-        ) from err
+    obj = load_torch_weights_only(path, CheckpointError)
     while isinstance(obj, Mapping) and len(obj) == 1 and next(iter(obj)) in NESTED:
         obj = next(iter(obj.values()))
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

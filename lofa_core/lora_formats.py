@@ -7,6 +7,7 @@ files and LORA_MODEL dicts store `alpha_stored = scale * r`; patches carry the s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -114,6 +115,10 @@ def read_lora_state_dict(sd: Mapping[str, torch.Tensor], module_paths: Iterable[
                 raise LoRAFormatError(f"{source}: '{key}' {list(up.shape)} and '{down_key}' {list(down.shape)} "
                                       f"are not a LoRA pair of a linear layer ([out, r] and [r, in]).")
             alpha_key = base + ".alpha"
+            if down.shape[0] == 0:
+                raise LoRAFormatError(f"{source}: '{key}' has rank 0 (no columns), so its "
+                                      f"{'alpha cannot be scaled by the rank and ' if alpha_key in sd else ''}"
+                                      f"the LoRA is empty. Predict or save it again with rank 1 or more.")
             scale = 1.0
             if alpha_key in sd:
                 scale = float(sd[alpha_key]) / down.shape[0]
@@ -151,6 +156,32 @@ def check_lora_shapes(factors: Mapping[str, LoRAFactors], shapes: Mapping[str, t
                 f"{source}: the LoRA for '{path}' is {f.up.shape[0]}x{f.down.shape[1]} but the model's weight is "
                 f"{out_f}x{in_f}. This LoRA was made for a different base model."
             )
+
+
+def check_finite(factors: Mapping[str, LoRAFactors], source: str) -> None:
+    """Raise if any factor or scale is NaN/Inf: such a LoRA turns every image it touches black."""
+    for path, f in factors.items():
+        for label, x in (("lora_up", f.up), ("lora_down", f.down)):
+            if not torch.isfinite(x).all():
+                raise LoRAFormatError(f"{source}: {label} of '{path}' contains NaN or Inf values, so the LoRA would "
+                                      f"break the model. Predict it again (see the log of LoFA Predict LoRA).")
+        if not math.isfinite(f.scale):
+            raise LoRAFormatError(f"{source}: the alpha of '{path}' is {f.scale}; the LoRA is broken.")
+
+
+def check_fits_dtype(factors: Mapping[str, LoRAFactors], dtype: torch.dtype, source: str, fix: str) -> None:
+    """Raise if a factor would turn into Inf when stored as `dtype` (float16 ends at 65504), or its stored alpha
+    (float32) would."""
+    limit = torch.finfo(dtype).max
+    alpha_limit = torch.finfo(torch.float32).max
+    for path, f in factors.items():
+        for label, x in (("lora_up", f.up), ("lora_down", f.down)):
+            largest = float(x.abs().max()) if x.numel() else 0.0
+            if largest > limit:
+                raise LoRAFormatError(f"{source}: {label} of '{path}' has values up to {largest:.3g}, beyond "
+                                      f"{str(dtype).removeprefix('torch.')}'s range (+-{limit:.6g}); {fix}.")
+        if abs(f.scale * f.rank) > alpha_limit:
+            raise LoRAFormatError(f"{source}: the alpha of '{path}' ({f.scale * f.rank:.3g}) does not fit float32.")
 
 
 def looks_like_sdxl(paths: Iterable[str]) -> bool:

@@ -15,13 +15,14 @@ import torch
 
 from .checkpoint import LoFACheckpoint
 from .conditioning import KIND_POSE, Condition, collapse_padding
-from .errors import LoFAError, WeightError
+from .errors import ConditionError, LoFAError, WeightError
 from .layers import Context, PromptKV
 from .lora_formats import LoRAFactors, PredictedLoRA
 from .response import PREVIEW_SIDE, ResponseMaps, preview_map, response_map
 from .targets import Target
 
 ReadWeight = Callable[[Target], torch.Tensor]
+FP16_FIX = "choose bfloat16 or float32 in Load LoFA Model (float16 overflows easily)"
 
 
 @dataclass
@@ -56,6 +57,12 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
     wanted_lora = with_lora
     derived_response = with_response and net.stage1 is None  # single-stage: R of the predicted LoRA
     with_lora = with_lora or derived_response
+    loaded = {p.dtype for p in net.parameters() if p.is_floating_point()}
+    if loaded != {dtype}:
+        names = ", ".join(sorted(_dtype_name(d) for d in loaded))
+        raise LoFAError(f"predict was asked to compute in {_dtype_name(dtype)}, but the hypernetwork of '{ckpt.name}' "
+                        f"is loaded in {names}: load it with load_checkpoint(path, dtype={dtype}) or call "
+                        f"ckpt.net.to({dtype}) first.")
     for t in targets:
         if problem := net.shape_problem(t.out_features, t.in_features):
             raise LoFAError(f"LoFA checkpoint '{ckpt.name}' cannot take {t.key}: {problem}.")
@@ -65,6 +72,7 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
     with torch.no_grad():  # not inference_mode: the LoRA tensors may feed autograd later (training nodes)
         ctx1 = encode_prompt(net.stage1, condition, device, dtype) if net.stage1 is not None else None
         ctx2 = encode_prompt(net.stage2, condition, device, dtype) if with_lora else None
+        _check_prompt_encoding((ctx1 or []) + (ctx2 or []), condition, dtype)
         for done, chunk in enumerate(chunks, start=1):
             w = torch.stack([_checked_weight(read_weight(t), t).to(device) for t in chunk])  # W's own dtype
             depth = torch.tensor([t.depth for t in chunk], device=device)
@@ -76,10 +84,12 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
                 feats, logits = net.stage1.forward_features(w, depth, kind, ctx1, logits=with_response,
                                                             prepared=prepared)
                 if with_response:
+                    _check_outputs(ckpt.name, chunk, dtype, {"the response map": logits})
                     probs = torch.sigmoid(logits.float())
             if with_lora:
                 shared = prepared if net.stage2.cfg.patch_size == first.cfg.patch_size else None
                 a, b, alpha = net.stage2(w, depth, kind, ctx2, feats, prepared=shared)
+                _check_outputs(ckpt.name, chunk, dtype, {"B": b, "A": a, "alpha": alpha})
                 if derived_response:
                     probs = response_map(alpha.float().unsqueeze(-1) * torch.bmm(b.float(), a.float()), w, ckpt.tau)
                 a = a.float().to(output_device)
@@ -118,6 +128,37 @@ def encode_prompt(stage, condition: Condition, device: torch.device, dtype: torc
     pooled = condition.pooled.unsqueeze(0).to(device=device, dtype=dtype) if condition.pooled is not None else None
     return stage.prompt_cache(stage.encode_collapsed(tokens.unsqueeze(0).to(device=device, dtype=dtype),
                                                      log_counts.unsqueeze(0).to(device=device), pooled))
+
+
+def _check_prompt_encoding(kvs: Sequence[PromptKV], condition: Condition, dtype: torch.dtype) -> None:
+    """Prompt values far outside any encoder's range overflow the hypernetwork's keys/values into NaN/Inf."""
+    if all(torch.isfinite(kv.k).all() and torch.isfinite(kv.v).all() for kv in kvs):
+        return
+    parts = [condition.tokens] + ([condition.pooled] if condition.pooled is not None else [])
+    largest = max(float(x.abs().max()) for x in parts)
+    raise ConditionError(
+        f"The prompt condition overflows the LoFA hypernetwork in {_dtype_name(dtype)}: its values reach "
+        f"{largest:.3g}, far beyond what a text, image or pose encoder gives. Re-encode the prompt with the "
+        f"encoder the checkpoint expects (CLIP Text Encode, CLIP Vision Encode or pose frames)"
+        f"{'; or ' + FP16_FIX if dtype == torch.float16 else ''}."
+    )
+
+
+def _check_outputs(name: str, chunk: Sequence[Target], dtype: torch.dtype, outputs: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN/Inf in a chunk's predictions, naming the first layer and output that has them."""
+    bad = {label: (~torch.isfinite(x)).flatten(1).any(dim=1).tolist() for label, x in outputs.items()}  # one sync
+    for i, t in enumerate(chunk):
+        labels = [label for label, flags in bad.items() if flags[i]]
+        if labels:
+            raise LoFAError(
+                f"LoFA's prediction for {t.key} is not finite (NaN or Inf in {', '.join(labels)}), so no LoRA is "
+                f"returned. The LoFA checkpoint '{name}' overflows {_dtype_name(dtype)} on this layer: "
+                f"{FP16_FIX if dtype == torch.float16 else 'it is damaged or was not trained for these base weights'}."
+            )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _checked_weight(w: torch.Tensor, t: Target) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from ..lofa_core.errors import LoRAFormatError
-from ..lofa_core.lora_formats import check_lora_shapes, read_lora_state_dict
+import math
+
+from ..lofa_core.errors import LoFAError, LoRAFormatError
+from ..lofa_core.lora_formats import check_finite, check_lora_shapes, read_lora_state_dict
 from ..lofa_core.targets import COMFY_PREFIX
 from .comfy_compat import add_patches_checked, make_lora_patch, model_weight_shapes
 
@@ -30,6 +32,9 @@ class LoFAApplyLoRA:
         }
 
     def apply(self, model, lora, strength_model):
+        if not math.isfinite(strength_model):
+            raise LoFAError(f"strength_model is {strength_model}; set a finite number such as 1.0 (a NaN or infinite "
+                            f"strength turns the model's output black).")
         if strength_model == 0:
             return (model,)
         shapes = {k[len(COMFY_PREFIX):-len(".weight")]: v for k, v in model_weight_shapes(model).items()
@@ -43,6 +48,7 @@ class LoFAApplyLoRA:
         if not factors:
             raise LoRAFormatError("The LORA_MODEL is empty; connect the lora output of LoFA Predict LoRA.")
         check_lora_shapes(factors, shapes, "the LORA_MODEL")
+        check_finite(factors, "the LORA_MODEL")
         patches = {f"{COMFY_PREFIX}{path}.weight": make_lora_patch(f.up, f.down, f.scale * f.rank)
                    for path, f in factors.items()}
         return (add_patches_checked(model, patches, strength_model),)

@@ -38,12 +38,11 @@ def register_model_folder() -> None:
     entry = folder_paths.folder_names_and_paths.get(LOFA_FOLDER)
     if entry is None:
         folder_paths.folder_names_and_paths[LOFA_FOLDER] = ([default], set(LOFA_EXTENSIONS))
-    else:
+    else:  # an extra_model_paths.yaml entry: ComfyUI gives it an empty extension set, which lists every file
         paths, extensions = entry
         if default not in paths:
             paths.append(default)
-        if extensions:
-            extensions.update(LOFA_EXTENSIONS)
+        extensions.update(LOFA_EXTENSIONS)
     try:
         os.makedirs(default, exist_ok=True)
     except OSError:  # read-only install: the folder can still come from extra_model_paths.yaml

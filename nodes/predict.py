@@ -78,7 +78,11 @@ class LoFAPredictLoRA:
                          device=device, dtype=lofa_model.dtype, chunk_size=batch_size,
                          output_device=intermediate_device(), on_chunk=progress)
         lora = result.lora
-        if rank:
+        own_rank = next(iter(lora.factors.values())).rank
+        if rank > own_rank:
+            log.warning("LoFA: rank %d is above the checkpoint's rank %d; the LoRA keeps rank %d (set rank 0 for the "
+                        "checkpoint's own, or lower to shrink it)", rank, own_rank, own_rank)
+        elif rank:
             lora = PredictedLoRA(lora.family, {p: truncate_rank(f, rank) for p, f in lora.factors.items()})
         log.info("LoFA: predicted a rank-%d LoRA for %d layers (%d prompt tokens); %.1f%% of weights respond",
                  next(iter(lora.factors.values())).rank, len(lora), condition.real_tokens,

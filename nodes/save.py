@@ -14,6 +14,8 @@ from ..lofa_core.lora_formats import (
     STYLE_COMFYUI,
     STYLE_KOHYA,
     PredictedLoRA,
+    check_finite,
+    check_fits_dtype,
     looks_like_sdxl,
     read_lora_state_dict,
     to_state_dict,
@@ -52,6 +54,8 @@ class LoFASaveLoRA:
         if leftovers or not factors:
             raise LoRAFormatError(f"The LORA_MODEL has entries this node cannot save (e.g. {leftovers[:3]}); "
                                   f"connect the lora output of LoFA Predict LoRA.")
+        check_finite(factors, "the LORA_MODEL")
+        check_fits_dtype(factors, DTYPES[dtype], "the LORA_MODEL", "save it as bfloat16 or float32 (dtype input)")
         paths = list(factors)
         family = "sdxl" if looks_like_sdxl(paths) else "wan2.1-t2v"
         style = key_style if key_style != "auto" else (STYLE_KOHYA if family == "sdxl" else STYLE_COMFYUI)
@@ -59,7 +63,8 @@ class LoFASaveLoRA:
         metadata = {"lofa.generator": f"ComfyUI-LoFA {lofa_core.__version__}", "lofa.family": family,
                     "lofa.rank": str(next(iter(factors.values())).rank)}
         root = folder_paths.get_folder_paths("loras")[0]
-        path = save_numbered(tensors, root, filename_prefix.strip() or "LoFA/lofa", metadata)
+        path = save_numbered(tensors, root, filename_prefix.strip() or "LoFA/lofa", metadata,
+                             label="models/loras")
         relative = os.path.relpath(path, root)
         log.info("LoFA: saved LoRA to %s", path)
         return {"ui": {"lofa_lora": [relative]}, "result": ()}

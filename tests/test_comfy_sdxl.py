@@ -25,11 +25,11 @@ def sdxl_conditioning(seed: int = 0, chunks: int = 1):
     return [[cond, {"pooled_output": pooled}]]
 
 
-def make_checkpoint(comfy, model, path, seed=0):
+def make_checkpoint(comfy, model, path, seed=0, **sizes):
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
     catalog = build_catalog(shapes)
     torch.manual_seed(seed)
-    net = randomise_lora_heads_(new_hypernet(catalog, SDXL_TEXT, **SMALL), seed=seed)
+    net = randomise_lora_heads_(new_hypernet(catalog, SDXL_TEXT, **(SMALL | sizes)), seed=seed)
     save_checkpoint(path, net, catalog, SDXL_TEXT, provenance={"trained": False, "source": "test"})
     return catalog
 
@@ -161,12 +161,18 @@ def test_lora_model_plugs_into_stock_lora_model_loader(comfy, model_dirs):
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-6, atol=1e-7)
 
 
-def test_predictions_are_reused_only_for_the_same_checkpoint_weights_and_prompt(comfy, model_dirs, monkeypatch):
+def count_predictions(comfy, monkeypatch) -> list:
+    """Empty the prediction cache; the returned list grows by one each time the hypernetwork really runs."""
     module = comfy.pack.nodes.predict
     comfy.pack.nodes.prediction_cache.clear()
     calls = []
     real = module.predict
     monkeypatch.setattr(module, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_predictions_are_reused_only_for_the_same_checkpoint_weights_and_prompt(comfy, model_dirs, monkeypatch):
+    calls = count_predictions(comfy, monkeypatch)
     model = comfy.tiny_sdxl.build_model(seed=4)
     make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=4)
     first, _ = run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=5))
@@ -177,3 +183,30 @@ def test_predictions_are_reused_only_for_the_same_checkpoint_weights_and_prompt(
     run_nodes(comfy, other, "tiny.safetensors", sdxl_conditioning(seed=5))
     run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=5), rank=2)  # other options
     assert len(calls) == 4
+
+
+def test_prediction_cache_is_bounded_by_bytes_not_entries(comfy, model_dirs, monkeypatch):
+    cache = comfy.pack.nodes.prediction_cache
+    calls = count_predictions(comfy, monkeypatch)
+    model = comfy.tiny_sdxl.build_model(seed=8)
+    make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=8)
+    lora, response = run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=20))
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                for v in [*lora.values(), *response.maps]}  # the maps of one chunk are views of one tensor
+    size = cache.tensor_bytes((lora, response))
+    assert size == sum(storages.values()) and size > sum(v.numel() * 4 for v in lora.values())
+
+    monkeypatch.setenv("LOFA_PREDICTION_CACHE_MB", str(2.5 * size / 2**20))  # room for two predictions
+    for seed in (21, 22, 23, 24):
+        run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=seed))
+        assert cache.total_bytes() <= 2.5 * size
+    assert len(calls) == 5 and cache.total_bytes() == 2 * size
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=24))  # kept
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=23))  # kept
+    assert len(calls) == 5
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=21))  # evicted: predicted again
+    assert len(calls) == 6
+
+    monkeypatch.setenv("LOFA_PREDICTION_CACHE_MB", "0")  # off
+    run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=21))
+    assert len(calls) == 7 and cache.total_bytes() == 0

@@ -130,3 +130,180 @@ def test_apply_rejects_a_lora_for_another_model(comfy, model_dirs):
     with pytest.raises(errors(comfy).LoRAFormatError, match="fit no layer of this MODEL.*different base model"):
         node(comfy, "LoFAApplyLoRA").apply(sdxl, lora, 1.0)
     assert not sdxl.patches
+
+
+def small_lora_model(value: float = 0.01, rank: int = 2) -> dict[str, torch.Tensor]:
+    """A LORA_MODEL dict for two SDXL layers, as LoFA Predict LoRA returns it."""
+    paths = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "middle_block.1.transformer_blocks.0.attn2.to_k"]
+    lora = {}
+    for path in paths:
+        lora[f"diffusion_model.{path}.lora_up.weight"] = torch.full((8, rank), value)
+        lora[f"diffusion_model.{path}.lora_down.weight"] = torch.full((rank, 8), value)
+        lora[f"diffusion_model.{path}.alpha"] = torch.tensor(float(rank))
+    return lora
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("prefix,saved", [(".", "lofa_00001.safetensors"), ("./", "lofa_00001.safetensors"),
+                                          ("./.", "lofa_00001.safetensors"), ("LoFA/", "LoFA/lofa_00001.safetensors"),
+                                          ("LoFA/./x", "LoFA/x_00001.safetensors")])
+def test_save_prefix_always_stays_in_the_loras_folder(comfy, model_dirs, tmp_path, prefix, saved):
+    result = node(comfy, "LoFASaveLoRA").save(small_lora_model(), prefix, "auto", "float16")
+    assert result["ui"]["lofa_lora"] == [saved]
+    assert files_under(tmp_path) == [f"loras/{saved}"], "nothing may be written outside models/loras"
+
+
+@pytest.mark.parametrize("prefix,why", [("../x", "does not stay inside"), ("LoFA/../../x", "does not stay inside"),
+                                        ("/tmp/lofa_escape", "does not stay inside"), ("..", "does not stay inside"),
+                                        ("a\0b", "contains a NUL character")])
+def test_save_prefix_escaping_the_loras_folder_is_refused(comfy, model_dirs, tmp_path, prefix, why):
+    with pytest.raises(errors(comfy).LoFAError, match=f"filename_prefix .* {why}") as err:
+        node(comfy, "LoFASaveLoRA").save(small_lora_model(), prefix, "auto", "float16")
+    assert "models/loras" in str(err.value) and "'LoFA/lofa'" in str(err.value), "the message names the fix"
+    assert files_under(tmp_path) == [] and not list(tmp_path.parent.glob("x_0*"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_lora_gets_the_usual_file_permissions(comfy, model_dirs, umask):
+    import os
+
+    old = os.umask(umask)
+    try:
+        result = node(comfy, "LoFASaveLoRA").save(small_lora_model(), "LoFA/perm", "auto", "float16")
+    finally:
+        os.umask(old)
+    mode = (model_dirs.loras / result["ui"]["lofa_lora"][0]).stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask, oct(mode)
+
+
+def test_nan_pooled_or_huge_prompt_values_are_refused(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    handle = load(comfy, "m.safetensors")
+    err = errors(comfy).ConditionError
+    nan_pooled = sdxl_conditioning()
+    nan_pooled[0][1]["pooled_output"][0, 3] = float("nan")
+    with pytest.raises(err, match="pooled text embedding contains NaN or Inf.*re-encode"):
+        predict(comfy, model, handle, nan_pooled)
+    huge = sdxl_conditioning()
+    huge[0][0].mul_(1e30)  # finite in float32, but no text encoder gives such values
+    with pytest.raises(err, match="prompt condition overflows.*reach [0-9.]+e\\+30.*Re-encode the prompt"):
+        predict(comfy, model, handle, huge)
+
+
+def test_non_finite_prediction_is_refused_naming_the_layer(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    handle = load(comfy, "m.safetensors")
+    with torch.no_grad():  # a checkpoint whose B head overflows float32 on every layer
+        for name, p in handle.checkpoint.net.stage2.named_parameters():
+            if name.startswith("head_B."):
+                p.fill_(3e38)
+    with pytest.raises(errors(comfy).LoFAError, match="prediction for diffusion_model\\..* is not finite .*B"):
+        predict(comfy, model, handle, sdxl_conditioning())
+
+
+def test_save_refuses_non_finite_factors_and_float16_overflow(comfy, model_dirs):
+    save = node(comfy, "LoFASaveLoRA").save
+    err = errors(comfy).LoRAFormatError
+    broken = small_lora_model()
+    next(v for k, v in broken.items() if k.endswith("lora_down.weight"))[0, 0] = float("nan")
+    with pytest.raises(err, match="lora_down of 'input_blocks.4.1.transformer_blocks.0.attn1.to_q'.*NaN or Inf"):
+        save(broken, "LoFA/x", "auto", "float32")
+    big = small_lora_model(value=7e4)  # finite, but beyond float16's largest value 65504
+    with pytest.raises(err, match="up to 7e\\+04.*float16.*65504.*bfloat16 or float32"):
+        save(big, "LoFA/x", "auto", "float16")
+    assert files_under(model_dirs.loras) == []
+    (saved,) = save(big, "LoFA/x", "auto", "float32")["ui"]["lofa_lora"]
+    from safetensors.torch import load_file
+
+    values = load_file(model_dirs.loras / saved)
+    assert all(torch.isfinite(v).all() for v in values.values())
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), float("-inf")])
+def test_apply_refuses_a_non_finite_strength(comfy, model_dirs, strength):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    lora, _ = predict(comfy, model, load(comfy, "m.safetensors"), sdxl_conditioning())
+    with pytest.raises(errors(comfy).LoFAError, match="strength_model is .*; set a finite number such as 1.0"):
+        node(comfy, "LoFAApplyLoRA").apply(model, lora, strength)
+    assert not model.patches
+
+
+def test_apply_refuses_a_nan_lora(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    lora, _ = predict(comfy, model, load(comfy, "m.safetensors"), sdxl_conditioning())
+    broken = {k: v.clone() for k, v in lora.items()}
+    next(v for k, v in broken.items() if k.endswith("lora_up.weight"))[0, 0] = float("nan")
+    with pytest.raises(errors(comfy).LoRAFormatError, match="lora_up of '.*' contains NaN or Inf.*Predict it again"):
+        node(comfy, "LoFAApplyLoRA").apply(model, broken, 1.0)
+    assert not model.patches
+
+
+def test_rank_zero_lora_is_named_not_a_zero_division(comfy, model_dirs):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    lora, _ = predict(comfy, model, load(comfy, "m.safetensors"), sdxl_conditioning())
+    empty = {k: (v[:, :0] if k.endswith("lora_up.weight") else v[:0] if k.endswith("lora_down.weight") else v)
+             for k, v in lora.items()}
+    with pytest.raises(errors(comfy).LoRAFormatError, match="rank 0 .*alpha.*empty"):
+        node(comfy, "LoFAApplyLoRA").apply(model, empty, 1.0)
+
+
+def test_rank_above_the_checkpoints_is_reported(comfy, model_dirs, caplog):
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    handle = load(comfy, "m.safetensors")
+    rank = handle.checkpoint.net.stage2.cfg.rank
+    with caplog.at_level("WARNING"):
+        lora, _ = node(comfy, "LoFAPredictLoRA").predict(model, handle, sdxl_conditioning(), "all", rank + 60, 8)
+    assert any(f"rank {rank + 60} is above the checkpoint's rank {rank}" in r.getMessage() and
+               f"keeps rank {rank}" in r.getMessage() for r in caplog.records), caplog.text
+    assert {v.shape[0] for k, v in lora.items() if k.endswith("lora_down.weight")} == {rank}
+
+
+def test_predict_in_another_dtype_than_the_network_is_a_clear_error(comfy, model_dirs):
+    from lofa_core.checkpoint import load_checkpoint
+    from lofa_core.conditioning import prepare_condition
+    from lofa_core.predict import predict as core_predict
+
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    catalog = make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
+    ckpt = load_checkpoint(model_dirs.lofa / "m.safetensors")  # float32
+    weights = model.model_state_dict()
+    cond = prepare_condition(*[sdxl_conditioning()[0][0], sdxl_conditioning()[0][1]["pooled_output"]], SDXL_TEXT)
+    with pytest.raises(ValueError, match="bfloat16.*'m.safetensors' is loaded in float32.*dtype=torch.bfloat16"):
+        core_predict(ckpt, catalog.targets, lambda t: weights[t.key], cond, device=torch.device("cpu"),
+                     dtype=torch.bfloat16)
+
+
+def test_lofa_folder_from_extra_model_paths_lists_only_checkpoints(comfy, tmp_path, monkeypatch):
+    """extra_model_paths.yaml adds `lofa: path` before custom nodes load, with an empty extension set."""
+    fp = comfy.folder_paths
+    monkeypatch.delitem(fp.folder_names_and_paths, "lofa", raising=False)
+    if isinstance(getattr(fp, "filename_list_cache", None), dict):
+        monkeypatch.setattr(fp, "filename_list_cache", {})
+    fp.add_model_folder_path("lofa", str(tmp_path))  # what ComfyUI does for the yaml entry
+    for name in ("a.safetensors", "stage2_x.pth", "notes.txt", "image.png", "b.ckpt"):
+        (tmp_path / name).write_bytes(b"x")
+    comfy.pack.nodes.comfy_compat.register_model_folder()
+    paths, _ = fp.folder_names_and_paths["lofa"]
+    assert paths[0] == str(tmp_path) and paths[-1].endswith("lofa")
+    assert sorted(fp.get_filename_list("lofa")) == ["a.safetensors", "stage2_x.pth"]
+
+
+def test_empty_wan_prompt_gets_a_warning(comfy, model_dirs, caplog):
+    wan_patcher, _ = tiny_wan.build_view_patcher(seed=0)
+    wan_checkpoint(wan_patcher, model_dirs.lofa / "wan.safetensors")
+    handle = load(comfy, "wan.safetensors")
+    with caplog.at_level("WARNING"):
+        predict(comfy, wan_patcher, handle, wan_conditioning(real_tokens=5))
+    assert "empty" not in caplog.text
+    with caplog.at_level("WARNING"):
+        predict(comfy, wan_patcher, handle, wan_conditioning(real_tokens=1))  # umT5 of "": only the EOS token
+    assert "The prompt is empty" in caplog.text and "type a prompt in CLIP Text Encode" in caplog.text

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", required=True)
     p.add_argument("--base-model", required=True)
     p.add_argument("--latents", action="store_true", help="also require latents (Stage-II diffusion loss)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run setting that shapes the condition, as in stage1/stage2 (image_feature, pose_frames, "
+                        "pose_size, target_groups)")
     _add_run_args(sub.add_parser("stage1", help="train Stage-I (response maps)"))
     p = sub.add_parser("stage2", help="train Stage-II (LoRA prediction)")
     _add_run_args(p)
@@ -112,21 +115,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(args) -> int:
-    from .dataset import DatasetError
-    from .runs import base_catalog, latent_channels
+    """Check a dataset exactly as a run would: the base model's targets, the dataset's own kind of condition
+    (text, image or pose, with the run settings), captions and latents; every problem printed, no traceback."""
+    from safetensors import SafetensorError
 
-    catalog, shapes = base_catalog(args.base_model, ("attn",))
     from lofa_core.conditioning import DEFAULT_FOR_FAMILY
+    from lofa_core.errors import LoFAError
 
-    from .dataset import check_dataset
+    from .config import RunConfig
+    from .dataset import DatasetError, check_dataset, read_samples
+    from .runs import base_catalog, dataset_spec, latent_channels
 
+    cfg = load_config(RunConfig, None, args.set)
+    cfg.dataset, cfg.base_model = args.dataset, args.base_model
     try:
-        samples = check_dataset(args.dataset, catalog, DEFAULT_FOR_FAMILY[catalog.family], need_latents=args.latents,
-                                latent_channels=latent_channels(shapes, catalog.family))
+        catalog, shapes = base_catalog(args.base_model, cfg.target_groups)
+    except (LoFAError, SafetensorError, OSError) as err:
+        print(f"the base model {args.base_model} cannot be used: {err}", file=sys.stderr)
+        return 1
+    try:
+        spec = dataset_spec(cfg, read_samples(args.dataset), catalog.family)
+        samples = check_dataset(args.dataset, catalog, spec, need_latents=args.latents,
+                                latent_channels=latent_channels(shapes, catalog.family),
+                                caption_spec=DEFAULT_FOR_FAMILY[catalog.family])
     except DatasetError as err:
         print(err, file=sys.stderr)
         return 1
-    print(f"{len(samples)} samples OK for {catalog.describe()}")
+    except (SafetensorError, OSError, KeyError) as err:  # the cached image features that size the model
+        print(f"{args.dataset}: the image features of its first encoded sample cannot be read ({err}); run "
+              f"`python -m training encode` again.", file=sys.stderr)
+        return 1
+    print(f"{len(samples)} samples OK for {catalog.describe()} and {spec.describe()}")
     return 0
 
 

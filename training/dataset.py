@@ -50,6 +50,10 @@ class DatasetError(LoFAError):
     """The dataset folder has problems; the message lists all of them."""
 
 
+# What reading one sample's files can raise (the loaders turn damaged .pth files and wrong contents into LoFAError).
+READ_ERRORS = (LoFAError, SafetensorError, OSError, KeyError, RuntimeError)
+
+
 @dataclass
 class Sample:
     id: str
@@ -78,14 +82,50 @@ def metadata_path(folder: str | Path) -> Path:
 
 
 def read_records(folder: str | Path) -> list[dict]:
+    """The sample records of a dataset; one DatasetError listing every line that is not a usable record."""
     path = metadata_path(folder)
     text = path.read_text()
+    problems: list[str] = []
     if path.suffix == ".json":
-        records = json.loads(text)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path} is not valid JSON ({err}).") from err
         if not isinstance(records, list):
             raise DatasetError(f"{path} must hold a JSON list of sample records.")
-        return records
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        numbered = [(f"record {n}", rec) for n, rec in enumerate(records, start=1)]
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    numbered.append((f"line {n}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    problems.append(f"line {n} is not valid JSON ({err})")
+    problems += [f"{where} {problem}" for where, rec in numbered if (problem := _record_problem(rec))]
+    if problems:
+        raise DatasetError(f"{len(problems)} problem(s) in {path}:\n  - " + "\n  - ".join(problems))
+    return [rec for _, rec in numbered]
+
+
+PATH_KEYS = ("lora", "file_name", "latents", "input_emb")
+CONDITION_PATH_KEYS = ("embedding", "embedding_2", "frames")
+
+
+def _record_problem(rec: object) -> str | None:
+    """Why a parsed record cannot be a sample (its paths must be strings, its condition an object), or None."""
+    if not isinstance(rec, dict):
+        return f"is not a JSON object but {type(rec).__name__}"
+    condition = rec.get("condition")
+    if condition is not None and not isinstance(condition, dict):
+        return "has a 'condition' that is not an object"
+    caption = rec.get("caption")
+    if caption is not None and not isinstance(caption, dict):
+        return "has a 'caption' that is not an object"
+    paths = [(k, rec.get(k)) for k in PATH_KEYS] + [(k, (condition or {}).get(k)) for k in CONDITION_PATH_KEYS]
+    paths.append(("caption.embedding", (caption or {}).get("embedding")))
+    bad = [k for k, v in paths if v is not None and not isinstance(v, str)]
+    return f"has non-string paths {bad}" if bad else None
 
 
 def read_samples(folder: str | Path) -> list[Sample]:
@@ -113,35 +153,47 @@ def read_samples(folder: str | Path) -> list[Sample]:
     return samples
 
 
-def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> object:
+    """A .safetensors file's tensors, or a .pth read weights-only; a DatasetError naming the file if unreadable."""
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    obj = load_torch_weights_only(path)
-    if not isinstance(obj, dict):
-        raise DatasetError(f"{path.name} does not hold a state dict")
+    return load_torch_weights_only(path, DatasetError)
+
+
+def named_tensor(data: object, key: str, path: Path) -> torch.Tensor:
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, torch.Tensor):
+        raise DatasetError(f"{path.name} has no '{key}' tensor")
+    return value
+
+
+def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    obj = load_tensors(path)
+    if not (isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
+        raise DatasetError(f"{path.name} does not hold a state dict of tensors")
     return obj
 
 
 def load_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tokens [n, D], pooled [P] or None) from our cache file or the authors' `*.tensors.pth`."""
+    data = load_tensors(path)
     if path.suffix == ".safetensors":
-        data = load_file(str(path))
-        return data["tokens"], data.get("pooled")
-    data = load_torch_weights_only(path)
-    tokens = data["prompt_emb"] if isinstance(data, dict) else data
+        return named_tensor(data, "tokens", path), data.get("pooled")
+    tokens = data if isinstance(data, torch.Tensor) else named_tensor(data, "prompt_emb", path)
     return (tokens[0] if tokens.dim() == 3 else tokens), None
 
 
-def load_latents(path: Path, key: str = "latents") -> torch.Tensor | None:
-    """A latents file's training clips ("latents") or, with key="heldout", clips kept out of LoRA training for
-    evaluation (None when the file has none)."""
-    if path.suffix == ".safetensors":
-        data = load_file(str(path))
-        return data.get(key) if key != "latents" else data["latents"]
-    data = load_torch_weights_only(path)
-    if not isinstance(data, dict):
-        return data if key == "latents" else None
-    return data.get(key) if key != "latents" else data["latents"]
+def load_latents(path: Path) -> torch.Tensor:
+    """A latents file's training clips ("latents")."""
+    data = load_tensors(path)
+    return data if isinstance(data, torch.Tensor) else named_tensor(data, "latents", path)
+
+
+def load_heldout_latents(path: Path) -> torch.Tensor | None:
+    """Clips of the task kept out of LoRA training for evaluation ("heldout"), or None when the file has none."""
+    data = load_tensors(path)
+    held = data.get("heldout") if isinstance(data, dict) else None
+    return held if isinstance(held, torch.Tensor) else None
 
 
 def load_frames(path: Path) -> torch.Tensor:
@@ -150,8 +202,13 @@ def load_frames(path: Path) -> torch.Tensor:
         from .conditions import load_image
 
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        return torch.stack([load_image(p) for p in files])
-    return load_file(str(path))["frames"].float()
+        if not files:
+            raise DatasetError(f"the folder {path.name} has no frame images (.png, .jpg, .webp)")
+        frames = [load_image(p) for p in files]
+        if len({f.shape for f in frames}) > 1:
+            raise DatasetError(f"the frame images in {path.name} differ in size; render them all at one size")
+        return torch.stack(frames)
+    return named_tensor(load_tensors(path), "frames", path).float()
 
 
 def validate(samples: Sequence[Sample], catalog: TargetCatalog, spec: ConditionSpec, *, need_latents: bool = False,
@@ -183,7 +240,7 @@ def _lora_problems(s: Sample, targets: dict) -> list[str]:
         return [f"LoRA file {s.lora} is missing"]
     try:
         factors, _ = read_lora_state_dict(load_lora_file(s.lora), targets, source=s.lora.name)
-    except (LoFAError, SafetensorError, OSError, RuntimeError, KeyError) as err:
+    except READ_ERRORS as err:
         return [f"LoRA file {s.lora.name} cannot be read ({err})"]
     missing = [p for p in targets if p not in factors]
     if missing:
@@ -225,7 +282,7 @@ def _condition_problems(s: Sample, spec: ConditionSpec) -> list[str]:
             image_condition(s, spec)
         else:
             prepare_condition(*load_embedding(s.embedding), spec)
-    except (LoFAError, SafetensorError, OSError, KeyError, RuntimeError) as err:
+    except READ_ERRORS as err:
         return [f"condition {s.embedding.name if s.embedding else s.frames} is unusable: {err}"]
     return []
 
@@ -244,7 +301,7 @@ def _caption_problems(s: Sample, spec: ConditionSpec) -> list[str]:
         return [f"caption embedding {s.caption.name} is missing (run `python -m training encode`)"]
     try:
         prepare_condition(*load_embedding(s.caption), spec)
-    except (LoFAError, SafetensorError, OSError, KeyError, RuntimeError) as err:
+    except READ_ERRORS as err:
         return [f"caption embedding {s.caption.name} is unusable: {err}"]
     return []
 
@@ -256,7 +313,7 @@ def _latent_problems(s: Sample, channels: int | None) -> list[str]:
         return [f"latents file {s.latents} is missing"]
     try:
         latents = load_latents(s.latents)
-    except (SafetensorError, OSError, KeyError, RuntimeError) as err:
+    except READ_ERRORS as err:
         return [f"latents file {s.latents.name} cannot be read ({err})"]
     if latents.dim() < 4 or (channels is not None and latents.shape[1] != channels):
         return [f"latents {list(latents.shape)} are not [N, {channels or 'C'}, ...] latents of the base model"]
@@ -326,7 +383,7 @@ class SampleStore:
         """(the task's held-out latents, True), or (its training latents, False) when it has none held out."""
         key = sample.id + "\0heldout"
         if key not in self._latents:
-            held = load_latents(sample.latents, "heldout")
+            held = load_heldout_latents(sample.latents)
             self._latents[key] = held.float() if held is not None else None
         held = self._latents[key]
         return (held, True) if held is not None else (self.latents(sample), False)

@@ -1,0 +1,97 @@
+"""Load and soak: many predictions with fresh prompts in one headless ComfyUI server; its memory must level off.
+
+Each run predicts a new LoRA (a new prompt, so nothing is reused) and saves it. What the server keeps across
+runs (the prediction cache, ComfyUI's caches and history) must stay bounded: after a warm-up, the server's
+resident memory may not grow with the number of runs. The prediction cache is bounded by bytes, here to about
+three predictions, so the bound is reached early. Resident memory is noisy (each prediction's temporary memory
+is sometimes returned to the system, sometimes not: +-50 MB), so the test measures its trend, the median of all
+pairwise slopes. Measured on both runtimes: about 0 MB per run with the bound, 5-7 MB per run when the bound is
+out of reach (an unbounded cache: each kept ~5 MB prediction, plus the allocator memory it pins).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from conftest import node
+from test_comfy_sdxl import make_checkpoint, sdxl_conditioning
+
+from demo import runtime
+
+pytestmark = pytest.mark.headless
+RUNS = 40
+WARM_UP = 10
+RANK = 32  # the released model's rank: a prediction of the tiny SDXL is then ~5 MB, well above the noise
+CACHED_PREDICTIONS = 3.5
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def slope(values: list[float]) -> float:
+    """Theil-Sen estimate of the growth per step: the median of all pairwise slopes (steps and spikes of a noisy
+    series barely move it)."""
+    return statistics.median((values[j] - values[i]) / (j - i) for i in range(len(values))
+                             for j in range(i + 1, len(values)))
+
+
+def upstream(graph: dict, node_id: str) -> dict:
+    """The part of an API graph that node `node_id` depends on."""
+    keep, todo = {}, [node_id]
+    while todo:
+        current = todo.pop()
+        if current not in keep:
+            keep[current] = graph[current]
+            todo.extend(v[0] for v in graph[current]["inputs"].values() if isinstance(v, list))
+    return keep
+
+
+def prediction_mb(comfy, model, lofa_path: Path) -> float:
+    """Size of one prediction of this checkpoint as the prediction cache counts it."""
+    handle = comfy.pack.nodes.comfy_compat.LoFAModelHandle.create(
+        comfy.pack.lofa_core.checkpoint.load_checkpoint(lofa_path), "float32", str(lofa_path))
+    output = node(comfy, "LoFAPredictLoRA").predict(model, handle, sdxl_conditioning(seed=99), "all", 0, 8)
+    return comfy.pack.nodes.prediction_cache.tensor_bytes(output) / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
+def test_memory_levels_off_over_many_fresh_predictions(comfy, tmp_path_factory, monkeypatch):
+    base = tmp_path_factory.mktemp("soak")
+    root = runtime.prepare_server_root(comfy.root, base / "comfyui")
+    comfy.tiny_sdxl.save_checkpoint(root / "models" / "checkpoints" / "tiny_sdxl.safetensors", seed=0)
+    model = comfy.tiny_sdxl.build_model(seed=0)
+    lofa_path = root / "models" / "lofa" / "tiny_lofa.safetensors"
+    make_checkpoint(comfy, model, lofa_path, rank=RANK)
+    shipped = json.loads((runtime.REPO / "workflows" / "api" / "lofa_sdxl.json").read_text())
+    save_id = next(k for k, v in shipped.items() if v["class_type"] == "LoFASaveLoRA")
+    predict_id = next(k for k, v in shipped.items() if v["class_type"] == "LoFAPredictLoRA")
+    prompt_id = shipped[predict_id]["inputs"]["conditioning"][0]
+    graph = runtime.substitute(upstream(shipped, save_id), {
+        "CheckpointLoaderSimple": {"ckpt_name": "tiny_sdxl.safetensors"},
+        "LoFAModelLoader": {"lofa_name": "tiny_lofa.safetensors", "dtype": "float32"}})
+    entry_mb = prediction_mb(comfy, model, lofa_path)
+    monkeypatch.setenv("LOFA_PREDICTION_CACHE_MB", str(CACHED_PREDICTIONS * entry_mb))
+
+    server = runtime.Server(root, base / "output", base / "comfyui.log")
+    rss = []
+    try:
+        server.wait_ready()
+        for i in range(RUNS):
+            graph[prompt_id]["inputs"]["text"] = f"a vivid rings pattern number {i}, bold"
+            entry = server.wait_done(server.queue(graph))
+            assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
+            rss.append(rss_mb(server.proc.pid))
+    finally:
+        server.stop()
+    saved = list((root / "models" / "loras").rglob("*.safetensors"))
+    assert len(saved) == RUNS, "every run predicted and saved a new LoRA"
+    growth = slope(rss[WARM_UP:])
+    assert growth < entry_mb / 2, (f"resident memory grows {growth:.1f} MB per run (a prediction is "
+                                   f"{entry_mb:.1f} MB); MB after each run: {[round(r) for r in rss]}")
