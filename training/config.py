@@ -56,7 +56,10 @@ class RunConfig:
     eval_every: int = 500  # evaluate the val tasks every this many steps (val and test after the last step)
     eval_samples: int = 64  # at most this many tasks per split in an evaluation (and training tasks for retrieval)
     log_every: int = 10
-    tau: float = 0.02
+    tau: float = 0.02  # response threshold: R = 1[|dW| > tau |W|] (the paper's 2 %)
+    # if set, tau is instead chosen so that this share of the training LoRAs' weights respond (the paper's LoRAs
+    # change 20-50 % of weights by more than 2 %; LoRAs of another scale need another tau for the same sparsity)
+    response_fraction: float | None = None
     target_groups: list[str] = field(default_factory=lambda: ["attn"])
     image_feature: str = "penultimate_hidden_states"  # image conditions: which CLIP vision output to use
     pose_frames: int = 16  # pose conditions: frames and frame size the pose encoder takes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from lofa_core.checkpoint import LoFACheckpoint, load_checkpoint, save_checkpoint
 from lofa_core.conditioning import DEFAULT_FOR_FAMILY, ConditionSpec, image_spec, pose_spec
 from lofa_core.hypernet import LoFAHypernet, Stage1Net, Stage2Net
+from lofa_core.response import RATIO_EPS
 from lofa_core.targets import TargetCatalog, build_catalog, check_compatible, strip_model_prefix
 
 from .base_models import BaseModel, load_base_model, load_target_weights
@@ -111,8 +113,27 @@ class Data:
         return run if (self.val or self.test) else None
 
 
+def response_tau(cfg: RunConfig, data: Data, max_elements: int = 4_000_000) -> RunConfig:
+    """`cfg` with tau set from `response_fraction` (the quantile of |dW| / |W| over training LoRAs), if set."""
+    if not cfg.response_fraction:
+        return cfg
+    if not 0 < cfg.response_fraction < 1:
+        raise SystemExit(f"response_fraction must lie between 0 and 1, not {cfg.response_fraction}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ratios = []
+    for sample in data.train[:16]:
+        for t in data.catalog.targets:
+            ratio = (data.store.delta(sample, t.path).abs() / (data.weights[t.path].abs() + RATIO_EPS)).flatten()
+            ratios.append(ratio[torch.randint(len(ratio), (min(len(ratio), 4096),), generator=gen)])
+    values = torch.cat(ratios)[:max_elements]
+    tau = float(torch.quantile(values, 1 - cfg.response_fraction))
+    print(f"tau = {tau:.4g}: {cfg.response_fraction:.0%} of the training LoRAs' weights respond")
+    return dataclasses.replace(cfg, tau=tau)
+
+
 def run_stage1(cfg: Stage1Config, resume: str | bool = False) -> Path:
     data = Data(cfg, need_latents=False)
+    cfg = response_tau(cfg, data)
     set_seed(cfg.seed)  # the initial weights are part of the run: a re-run starts from the same ones
     net = build_stage1(cfg, data.catalog, data.spec)
     trainer = Trainer(cfg, Stage1Objective(net, cfg.l2_penalty), net, "stage1")
@@ -147,6 +168,8 @@ def run_stage2(cfg: Stage2Config, resume: str | bool = False) -> Path:
     data = Data(cfg, need_latents=cfg.lambda_diff > 0, spec=first.condition if first else None,
                 catalog=first.catalog if first else None)
     stage1: Stage1Net | None = first.net.stage1 if first else None
+    if first is None:
+        cfg = response_tau(cfg, data)
     tau = first.tau if first else cfg.tau
     set_seed(cfg.seed)
     alpha_init = cfg.alpha_init or typical_scale(data.store, data.train)
