@@ -51,10 +51,14 @@ class Curves:
         return out
 
     def summary(self) -> dict:
-        """Steps to the target from each start and their ratio per task (inf: the usual start never got there
-        within the run, 0: the prior never did); the median ratio over all tasks."""
+        """Steps to the target from each start and their ratio per task, the median ratio over all tasks.
+
+        A start that never gets there within the run counts as the run's length (so a ratio is a lower bound
+        when the usual start never arrives, and 1 or less when the prior never does)."""
         usual, prior = self.steps_to_target("usual"), self.steps_to_target("prior")
-        ratios = [1.0 if math.isinf(u) and math.isinf(p) else u / max(p, 1.0) for u, p in zip(usual, prior)]
+        run = float(self.steps[-1])
+        ratios = [(u if math.isfinite(u) else run) / max(p if math.isfinite(p) else run, 1.0)
+                  for u, p in zip(usual, prior)]
         ordered = sorted(ratios)
         median = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2 if ordered else None
         return {"tasks": self.names, "steps_usual": usual, "steps_prior": prior, "speedup": ratios,

@@ -66,7 +66,7 @@ class Prompts:
     tokens: torch.Tensor  # [S, L', D] collapsed tokens, or pose frames [S, 3, T, H, W]
     log_counts: torch.Tensor | None  # [S, L'] (None for pose frames)
     pooled: torch.Tensor | None  # [S, P]
-    captions: Captions  # the captions as the base model reads them
+    captions: Captions | None  # the captions as the base model reads them (None: no diffusion loss)
 
     def encode(self, net) -> Context:
         if self.log_counts is None:
@@ -76,14 +76,16 @@ class Prompts:
 
 def batch_prompts(conditions: list[Condition], device: torch.device,
                   captions: list[Condition] | None = None) -> Prompts:
-    """Stack a batch's conditions (and captions; default: the conditions themselves, for text)."""
-    captions = captions or conditions
+    """Stack a batch's conditions and, when given, the captions the base model reads (diffusion loss only)."""
     if conditions[0].kind == KIND_POSE:
         tokens, log_counts = torch.stack([c.tokens for c in conditions]), None
         pooled = None
     else:
         tokens, log_counts, pooled = stack_collapsed(conditions)
-    base_captions = make_captions([c.tokens for c in captions],
-                                  [c.pooled for c in captions] if captions[0].pooled is not None else None)
+    base_captions = None
+    if captions:
+        base_captions = make_captions([c.tokens for c in captions],
+                                      [c.pooled for c in captions] if captions[0].pooled is not None else None
+                                      ).to(device)
     return Prompts(tokens.to(device), None if log_counts is None else log_counts.to(device),
-                   None if pooled is None else pooled.to(device), base_captions.to(device))
+                   None if pooled is None else pooled.to(device), base_captions)
