@@ -104,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "export":
         return _export(args)
     elif args.command == "suite":
-        from .suite import run_suite
+        from .suite import report_name, run_suite
 
         report = run_suite(Path(args.workdir), args.family, args.base_model, args.text_encoder, args.set,
                            args.condition, args.ablation, args.adaptation)
-        print((Path(args.workdir) / "report.md").read_text())
-        print(f"everything: {Path(args.workdir) / 'report.json'}")
+        name = report_name(args.condition)
+        print((Path(args.workdir) / f"{name}.md").read_text())
+        print(f"everything: {Path(args.workdir) / name}.json")
         return 0 if all(g["passed"] for g in report["goals"]) else 3
     return 0
 

@@ -6,7 +6,8 @@ reports the held-out `test` tasks' metrics next to the baselines (`evaluate.py`)
 goal. The text suite also trains the paper's single-stage ablation on the same total step budget and measures
 fine-tuning from the LoFA prior against the usual start (`adaptation.py`). Each step is skipped when its result
 exists for the same settings, so the suite trains once and is then cached. The configs it used are written to
-`<workdir>/configs/` for re-running single stages by hand; the report to `<workdir>/report.json` and `report.md`.
+`<workdir>/configs/` for re-running single stages by hand; the report to `<workdir>/report.json` and `report.md`
+(`report_<condition>.*` for the image and pose variants).
 """
 
 from __future__ import annotations
@@ -290,9 +291,15 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def report_name(condition: str) -> str:
+    return "report" if condition == "text" else f"report_{condition}"
+
+
 def write_report(workdir: Path, report: dict) -> None:
-    """report.json (everything) and report.md (the tables the README quotes)."""
-    (workdir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    """report.json (everything) and report.md (the tables the README quotes); report_<condition>.* for the
+    image and pose variants."""
+    name = report_name(report["condition"])
+    (workdir / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
     s1, s2 = report["stage1"].get("test", {}), report["stage2"].get("test", {})
     single = report.get("single_stage", {}).get("test", {})
     rows = [("Stage-I map cosine / IoU", f"{_fmt(s1.get('map_cos'))} / {_fmt(s1.get('map_iou'))}",
@@ -326,4 +333,4 @@ def write_report(workdir: Path, report: dict) -> None:
                          f"{'not within the run' if math.isinf(p) else int(p)} | {bound}{r:.1f}x |")
         lines.append(f"| median | | | {_fmt(a['median_speedup'])}x |")
     lines += ["", "Goals:", ""] + [f"* {Goal(**g).line()}" for g in report["goals"]]
-    (workdir / "report.md").write_text("\n".join(lines) + "\n")
+    (workdir / f"{name}.md").write_text("\n".join(lines) + "\n")
