@@ -48,28 +48,34 @@ def arrange_sys_path(root: Path) -> None:
 def import_comfy(root: Path) -> None:
     """Import ComfyUI on the CPU in this process.
 
-    ComfyUI imports torchvision at module level (only Stable Cascade and upscalers use it). A stand-in serves
-    that import and is taken off the path again, after transformers has cached that no real torchvision is
-    installed, so transformers and diffusers never mistake the stand-in for one.
+    The 2024 runtime imports torchvision at module level (only Stable Cascade and upscalers use it) but has none
+    installed: a stand-in (`_shims/`, written by scripts/fetch_comfyui.py) serves that import and is taken off the
+    path again, after transformers has cached that no real torchvision is installed, so transformers and
+    diffusers never mistake the stand-in for one. Current ComfyUI's environment has the real torchvision.
     """
     arrange_sys_path(root)
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+    shims = root / "_shims"
+    if not shims.is_dir():
+        import comfy.model_management  # noqa: F401  (after args.cpu)
+        import comfy.sd  # noqa: F401
+        import nodes  # noqa: F401
+        return
     try:
         from transformers.utils import import_utils
 
         import_utils.is_torchvision_available()
     except ImportError:
         pass
-    shims = str(root / "_shims")
-    sys.path.insert(0, shims)
+    sys.path.insert(0, str(shims))
     try:
         import comfy.model_management  # noqa: F401  (after args.cpu)
         import comfy.sd  # noqa: F401
         import nodes  # noqa: F401
     finally:
-        sys.path.remove(shims)
+        sys.path.remove(str(shims))
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
 
@@ -105,8 +111,9 @@ class Server:
     def __init__(self, root: Path, output_dir: Path, log_path: Path, port: int | None = None) -> None:
         self.root, self.port = root, port or free_port()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(root / "_shims"), str(REPO)] + (
-            [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        shims = [str(root / "_shims")] if (root / "_shims").is_dir() else []  # the 2024 runtime's torchvision
+        inherited = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+        env["PYTHONPATH"] = os.pathsep.join(shims + [str(REPO)] + inherited)
         env.setdefault("LOFA_TINY_CONFIG_DIR", str(REPO / ".cache" / "tiny_configs"))
         self.log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
         self.proc = subprocess.Popen(
