@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from demo import runtime  # noqa: E402
+from demo import runtime, tiny_wan  # noqa: E402
 
 COMFY_ROOT = runtime.runtime_root()
 runtime.arrange_sys_path(COMFY_ROOT)
@@ -75,6 +75,18 @@ def model_dirs(comfy, tmp_path, monkeypatch):
     if isinstance(getattr(fp, "filename_list_cache", None), dict):
         monkeypatch.setattr(fp, "filename_list_cache", {})
     return types.SimpleNamespace(loras=loras, lofa=lofa)
+
+
+@pytest.fixture
+def native_wan(comfy):
+    """(ComfyUI's own WAN 2.1 model loaded with a tiny diffusers WAN's weights, that diffusers model)."""
+    require_native_wan()
+    return tiny_wan.build_native(seed=5)
+
+
+def require_native_wan() -> None:
+    if not tiny_wan.native_available():
+        pytest.skip("this ComfyUI has no WAN model class (the embedded 2024 runtime); it runs on current ComfyUI")
 
 
 def node(comfy, name: str):

@@ -119,14 +119,6 @@ def test_tiny_wan_patched_by_model_patcher(comfy, model_dirs):
         torch.testing.assert_close(reread[path].delta(), f.delta(), rtol=1e-6, atol=1e-9)
 
 
-@pytest.fixture
-def native_wan(comfy):
-    if not tiny_wan.native_available():
-        pytest.skip("this ComfyUI has no WAN model class (the embedded 2024 runtime); set LOFA_COMFYUI_ROOT to a "
-                    "current ComfyUI to run it")
-    return tiny_wan.build_native(seed=5)
-
-
 def test_key_mapping_matches_comfy_wan_numerically(native_wan):
     patcher, diffusers_model = native_wan
     gen = torch.Generator().manual_seed(0)
