@@ -94,6 +94,14 @@ def model_weight_shapes(model) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def model_file_name(model) -> str | None:
+    """The file a MODEL was loaded from, where ComfyUI records it (its loaders do since 2026)."""
+    init = getattr(model, "cached_patcher_init", None)
+    args = init[1] if isinstance(init, tuple) and len(init) > 1 else ()
+    path = args[0] if args and isinstance(args[0], str) else None
+    return os.path.basename(path) if path else None
+
+
 def base_weight(model, key: str) -> torch.Tensor:
     """The base model's own weight `key` as real float32 values, read the way ComfyUI reads it; the MODEL is never
     modified.

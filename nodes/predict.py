@@ -6,16 +6,18 @@ image or pose); exactly one of the two is connected.
 
 from __future__ import annotations
 
-from ..lofa_core.errors import ConditionError, LoFAError
+from ..lofa_core import base_signature
+from ..lofa_core.errors import ConditionError, LoFAError, ModelFamilyError
 from ..lofa_core.lora_formats import PredictedLoRA, to_lora_model
 from ..lofa_core.predict import predict, shape_groups, truncate_rank
 from ..lofa_core.targets import build_catalog, check_compatible, select_targets
 from . import prediction_cache
-from .comfy_compat import Progress, base_weight, intermediate_device, log, model_weight_shapes
+from .comfy_compat import Progress, base_weight, intermediate_device, log, model_file_name, model_weight_shapes
 from .conditions import LoFACondition, from_conditioning
 
 CATEGORY = "LoFA"
 TARGET_CHOICES = ["all", "self-attention", "cross-attention"]
+BASE_MODEL_CHECKS = ["refuse", "warn"]
 
 
 class LoFAPredictLoRA:
@@ -50,10 +52,16 @@ class LoFAPredictLoRA:
                                                              "model's text encoder (first entry used)."}),
                 "condition": ("LOFA_CONDITION", {"tooltip": "Or a prompt from a LoFA Text / Image / Pose Condition "
                                                             "node."}),
+                "base_model_check": (BASE_MODEL_CHECKS, {
+                    "default": "refuse",
+                    "tooltip": "When the MODEL has the right shapes but not the weights of the base model the LoFA "
+                               "checkpoint was trained on (e.g. WAN 2.1 14B vs a WAN 2.2 A14B expert, or a "
+                               "fine-tune): refuse, or warn in the log and predict anyway."}),
             },
         }
 
-    def predict(self, model, lofa_model, conditioning=None, targets="all", rank=0, batch_size=8, condition=None):
+    def predict(self, model, lofa_model, conditioning=None, targets="all", rank=0, batch_size=8, condition=None,
+                base_model_check="refuse"):
         ckpt = lofa_model.checkpoint
         model_catalog = build_catalog(model_weight_shapes(model), ckpt.catalog.groups)
         check_compatible(ckpt.catalog, model_catalog, ckpt.name)
@@ -64,6 +72,8 @@ class LoFAPredictLoRA:
 
         def read(t):
             return base_weight(model, t.key)
+
+        _check_base_model(ckpt, model_catalog, read, model_file_name(model), base_model_check)
 
         cache_key = prediction_cache.key(
             prediction_cache.file_identity(lofa_model.path), str(lofa_model.dtype), targets, rank,
@@ -86,6 +96,27 @@ class LoFAPredictLoRA:
         output = (to_lora_model(lora), result.response)
         prediction_cache.put(cache_key, output)
         return output
+
+
+def _check_base_model(ckpt, model_catalog, read, file_name: str | None, mode: str) -> None:
+    """Same shapes are not the same model: compare the MODEL's weights with the checkpoint's base signature."""
+    signature = ckpt.base_signature
+    if signature is None:
+        return
+    difference = base_signature.distance(signature, model_catalog, read)
+    if difference <= base_signature.SAME_MODEL_TOLERANCE:
+        return
+    model_name = f"{file_name}, {model_catalog.describe()}" if file_name else model_catalog.describe()
+    message = (f"LoFA checkpoint '{ckpt.name}' was trained on {signature.name}, but this MODEL ({model_name}) has "
+               f"other weights: they differ from that model's by {difference:.0%} where the checkpoint recorded them "
+               f"(the same model stored in another precision or quantised differs by under "
+               f"{base_signature.SAME_MODEL_TOLERANCE:.0%}). Models with the same layers and shapes can still be "
+               f"different models, e.g. WAN 2.1 T2V 14B and the WAN 2.2 A14B high- and low-noise experts.")
+    if mode == "warn":
+        log.warning("LoFA: %s Predicting anyway (base_model_check is 'warn').", message)
+        return
+    raise ModelFamilyError(f"{message} Load {signature.name} as the MODEL, or set base_model_check to 'warn' to "
+                           f"use this checkpoint on a fine-tuned or merged variant of it anyway.")
 
 
 def _prompt(conditioning, condition: LoFACondition | None) -> LoFACondition:
