@@ -128,3 +128,26 @@ def test_training_export_signs_the_base_model(tmp_path):
     signature = load_checkpoint(out).base_signature
     assert signature.name == "tiny_wan.safetensors (WAN 2.1 T2V (2 blocks, dim 128))"
     assert base_signature.distance(signature, catalog, lambda t: weights[t.path]) == 0
+
+
+def test_wan_image_to_video_keeps_its_clear_refusal(comfy, model_dirs, unet_dir):
+    """A WAN 2.1 I2V model (k_img/v_img, img_emb) loaded by the stock loader: no LoRA, a message naming the fix."""
+    from conftest import require_native_wan
+
+    require_native_wan()
+    import comfy.ops as comfy_ops
+    from comfy.ldm.wan.model import WanModel
+
+    from demo.tiny_sdxl import fill_random_
+
+    i2v = WanModel(model_type="i2v", in_dim=36, dim=128, ffn_dim=256, num_heads=1, num_layers=2,
+                   operations=comfy_ops.disable_weight_init)
+    sd = fill_random_(i2v).state_dict()
+    assert "blocks.0.cross_attn.k_img.weight" in sd and "img_emb.proj.0.bias" in sd
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(unet_dir / "wan2.1_i2v_480p_tiny.safetensors"))
+    model = comfy.mappings["UNETLoader"]().load_unet("wan2.1_i2v_480p_tiny.safetensors", "default")[0]
+    signed_checkpoint(model_dirs.lofa / "t2v.safetensors", tiny_wan_weights(seed=1))
+    (handle,) = node(comfy, "LoFAModelLoader").load("t2v.safetensors", "float32")
+    with pytest.raises(comfy.pack.lofa_core.errors.ModelFamilyError,
+                       match="WAN 2.1 image-to-video model.*text-to-video; load the T2V model"):
+        node(comfy, "LoFAPredictLoRA").predict(model, handle, wan_conditioning(), "all", 0, 8)
