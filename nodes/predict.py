@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from ..lofa_core import base_signature
 from ..lofa_core.errors import ConditionError, LoFAError, ModelFamilyError
+from ..lofa_core.file_hash import sha256_file
 from ..lofa_core.lora_formats import PredictedLoRA, to_lora_model
+from ..lofa_core.lora_metadata import prediction_metadata
 from ..lofa_core.predict import predict, shape_groups, truncate_rank
 from ..lofa_core.targets import build_catalog, check_compatible, select_targets
 from . import prediction_cache
@@ -73,11 +75,13 @@ class LoFAPredictLoRA:
         def read(t):
             return base_weight(model, t.key)
 
-        _check_base_model(ckpt, model_catalog, read, model_file_name(model), base_model_check)
+        model_name = _model_name(model_file_name(model), model_catalog)
+        _check_base_model(ckpt, model_catalog, read, model_name, base_model_check)
 
+        prompt_digest = prediction_cache.condition_digest(condition)
         cache_key = prediction_cache.key(
             prediction_cache.file_identity(lofa_model.path), str(lofa_model.dtype), targets, rank,
-            prediction_cache.weights_fingerprint(chosen.targets, read), prediction_cache.condition_digest(condition))
+            prediction_cache.weights_fingerprint(chosen.targets, read), prompt_digest)
         cached = prediction_cache.get(cache_key)
         if cached is not None:
             log.info("LoFA: same checkpoint, base weights and prompt as before: reusing the predicted LoRA")
@@ -93,12 +97,19 @@ class LoFAPredictLoRA:
         log.info("LoFA: predicted a rank-%d LoRA for %d layers (%d prompt tokens); %.1f%% of weights respond",
                  next(iter(lora.factors.values())).rank, len(lora), condition.real_tokens,
                  100 * result.response.mean_active())
-        output = (to_lora_model(lora), result.response)
+        metadata = prediction_metadata(
+            checkpoint=ckpt.name, checkpoint_sha256=sha256_file(lofa_model.path), base_model=model_name,
+            prompt_kind=condition.kind, prompt_digest=prompt_digest, targets=targets, layers=len(lora))
+        output = (to_lora_model(lora, metadata=metadata), result.response)
         prediction_cache.put(cache_key, output)
         return output
 
 
-def _check_base_model(ckpt, model_catalog, read, file_name: str | None, mode: str) -> None:
+def _model_name(file_name: str | None, catalog) -> str:
+    return f"{file_name}, {catalog.describe()}" if file_name else catalog.describe()
+
+
+def _check_base_model(ckpt, model_catalog, read, model_name: str, mode: str) -> None:
     """Same shapes are not the same model: compare the MODEL's weights with the checkpoint's base signature."""
     signature = ckpt.base_signature
     if signature is None:
@@ -106,7 +117,6 @@ def _check_base_model(ckpt, model_catalog, read, file_name: str | None, mode: st
     difference = base_signature.distance(signature, model_catalog, read)
     if difference <= base_signature.SAME_MODEL_TOLERANCE:
         return
-    model_name = f"{file_name}, {model_catalog.describe()}" if file_name else model_catalog.describe()
     message = (f"LoFA checkpoint '{ckpt.name}' was trained on {signature.name}, but this MODEL ({model_name}) has "
                f"other weights: they differ from that model's by {difference:.0%} where the checkpoint recorded them "
                f"(the same model stored in another precision or quantised differs by under "

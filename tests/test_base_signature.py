@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import node
+from conftest import load_tiny_wan, node
 from safetensors.torch import save_file
 from support.quantized import fp8_scaled
 from test_wan import wan_conditioning
@@ -18,7 +18,6 @@ from lofa_core import base_signature
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
 from lofa_core.conditioning import WAN_TEXT
 from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
-from lofa_core.families.wan import comfy_to_diffusers_key
 from lofa_core.targets import build_catalog
 
 TRAINED_ON = "wan2.1_t2v_14B_bf16.safetensors (WAN 2.1 T2V 14B)"
@@ -54,28 +53,6 @@ def test_signature_tells_copies_from_other_models(tmp_path):
     assert 0.005 < distance_to(dequantised) < base_signature.SAME_MODEL_TOLERANCE / 2
     other = tiny_wan_weights(seed=2)  # same layers and shapes, other weights (another model)
     assert distance_to(other) > 1.0
-
-
-def load_tiny_wan(comfy, sd: dict[str, torch.Tensor], folder, name: str):
-    """The tiny WAN as a user loads it: current ComfyUI's stock UNETLoader from a file (so its name is known);
-    the 2024 runtime has no WAN class, so there a ComfyUI-named view of the same weights."""
-    if tiny_wan.native_available():
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / name))
-        return comfy.mappings["UNETLoader"]().load_unet(name, "default")[0]
-    model = tiny_wan.build_diffusers(0)
-    model.load_state_dict({comfy_to_diffusers_key(k): v for k, v in sd.items()})
-    return tiny_wan.build_view_patcher(model=model)[0]
-
-
-@pytest.fixture
-def unet_dir(comfy, tmp_path, monkeypatch):
-    folder = tmp_path / "diffusion_models"
-    folder.mkdir()
-    fp = comfy.folder_paths
-    monkeypatch.setitem(fp.folder_names_and_paths, "diffusion_models", ([str(folder)], {".safetensors"}))
-    if isinstance(getattr(fp, "filename_list_cache", None), dict):
-        monkeypatch.setattr(fp, "filename_list_cache", {})
-    return folder
 
 
 def test_predict_refuses_another_model_with_the_same_shapes(comfy, model_dirs, unet_dir, caplog):
