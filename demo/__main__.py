@@ -4,7 +4,7 @@
 
 Builds (once) a tiny randomly initialised SDXL from ComfyUI's own classes and trains a LoFA checkpoint for it
 with `training/` on the tiny synthetic task suite (a few minutes, once; cached afterwards), starts the embedded
-ComfyUI headless with the pack installed, queues `workflows/api/lofa_sdxl.json` with those models substituted,
+ComfyUI headless with the pack installed, queues `example_workflows/api/lofa_sdxl.json` with those models substituted,
 and prints where the saved LoRA, the response-map PNG and the sampled image are. Idempotent: models are built
 and trained once; each run saves new numbered outputs. `--untrained` skips training and uses a randomly
 initialised LoFA checkpoint (plumbing only).
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.import_comfy(source)
     root = runtime.prepare_server_root(source, args.workdir / "comfyui")
     lofa_name, trained = build_models(root, args.workdir, args.checkpoint, args.untrained)
-    graph = json.loads((runtime.REPO / "workflows" / "api" / "lofa_sdxl.json").read_text())
+    graph = json.loads((runtime.WORKFLOWS / "api" / "lofa_sdxl.json").read_text())
     graph = runtime.substitute(graph, {
         "CheckpointLoaderSimple": {"ckpt_name": TINY_CKPT},
         "LoFAModelLoader": {"lofa_name": lofa_name, "dtype": "float32"},

@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO / ".cache" / "comfyui-2024"
+WORKFLOWS = REPO / "example_workflows"  # UI workflows and thumbnails; API format in api/
 PACK_NAME = "ComfyUI-LoFA"
 TINY_MODELS_NODE = "lofa_tiny_models.py"
 
@@ -80,21 +81,32 @@ def import_comfy(root: Path) -> None:
             del sys.modules[name]
 
 
-def prepare_server_root(source: Path, dest: Path) -> Path:
-    """A private copy of the ComfyUI root with the pack (linked) and the tiny-model registration installed."""
+TINY_MODEL_REGISTRATIONS = ("demo.tiny_sdxl", "demo.tiny_clip_vision")
+
+
+def prepare_server_root(source: Path, dest: Path, registrations: tuple[str, ...] = TINY_MODEL_REGISTRATIONS,
+                        import_paths: tuple[Path, ...] = ()) -> Path:
+    """A private copy of the ComfyUI root with the pack (linked) and a helper node that registers tiny models.
+
+    `registrations` name modules whose `register()` teaches ComfyUI's loaders a tiny model (found on
+    `import_paths`, appended to sys.path, or in this repository); real models never need them.
+    """
     if not (dest / "main.py").exists():
         staging = dest.with_name(dest.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__", "output", "temp"))
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
+    (dest / "custom_nodes").mkdir(exist_ok=True)
     link = dest / "custom_nodes" / PACK_NAME
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
     (dest / "custom_nodes" / TINY_MODELS_NODE).write_text(
-        '"""Lets ComfyUI detect the tiny SDXL used by the LoFA demo and tests (not needed with real models)."""\n'
-        "import demo.tiny_clip_vision\nimport demo.tiny_sdxl\n\ndemo.tiny_sdxl.register()\n"
-        "demo.tiny_clip_vision.register()\nNODE_CLASS_MAPPINGS = {}\n"
+        '"""Lets ComfyUI load the tiny models of the LoFA demo and tests (not needed with real models)."""\n'
+        "import importlib\nimport sys\n\n"
+        f"sys.path.extend({[str(p) for p in import_paths]!r})\n"
+        f"for name in {list(registrations)!r}:\n    importlib.import_module(name).register()\n"
+        "NODE_CLASS_MAPPINGS = {}\n"
     )
     return dest
 
