@@ -3,7 +3,8 @@
 #   current  ComfyUI v0.28.2 (.venv-current): every test, and no test may skip;
 #   2024     the embedded March-2024 ComfyUI (.venv): the tests that use ComfyUI (the others run once, on current).
 # Arguments select tests in both runs:  bash scripts/test.sh tests/test_wan.py -k stock
-# LOFA_RUNTIMES="current" (or "2024") runs one runtime only (then it runs every selected test).
+# LOFA_RUNTIMES="current" (or "2024") runs one runtime only (then it runs every selected test);
+# LOFA_COMFYUI_ROOT=/path/to/ComfyUI runs the "current" tests on that checkout instead (with .venv-current).
 # Each pytest process uses OMP_NUM_THREADS threads (default 1: on a small machine two spinning OpenMP pools in
 # two processes slow each other down more than one thread each costs).
 set -euo pipefail
@@ -28,10 +29,11 @@ logs=.cache/test-logs
 mkdir -p "$logs"
 threads=${OMP_NUM_THREADS:-1}
 declare -A pids
+current_root=${LOFA_COMFYUI_ROOT:-.cache/comfyui-current}  # another current ComfyUI checkout, if set
 for runtime in "${runtimes[@]}"; do
-  settings=(OMP_NUM_THREADS="$threads")
+  settings=(-u LOFA_COMFYUI_ROOT OMP_NUM_THREADS="$threads")
   if [ "$runtime" = current ]; then
-    settings+=(LOFA_COMFYUI_ROOT=.cache/comfyui-current LOFA_NO_SKIPS=1)
+    settings+=(LOFA_COMFYUI_ROOT="$current_root" LOFA_NO_SKIPS=1)
   elif [ ${#runtimes[@]} -gt 1 ]; then
     settings+=(LOFA_COMFY_TESTS_ONLY=1)
   fi
