@@ -103,14 +103,14 @@ def model_file_name(model) -> str | None:
 
 
 def base_weight(model, key: str) -> torch.Tensor:
-    """The base model's own weight `key` as real float32 values, read the way ComfyUI reads it; the MODEL is never
-    modified.
+    """The base model's own weight `key` as real values, read the way ComfyUI reads it; the MODEL is never modified.
 
     As in ComfyUI's `get_key_patches`: when ComfyUI has merged patches into the loaded model, the original sits in
     `backup` (a tensor in 2024, a namedtuple with `.weight` later) or `hook_backup`; otherwise it is the layer's
     parameter. Where the layer has a convert function (`get_key_weight`, ComfyUI since late 2024), e.g. scaled fp8
     or a QuantizedTensor (2026 fp8/int8/fp4 checkpoints), it turns the stored form into the weight, applied as
-    ComfyUI applies it: to a float32 copy. GGUF storage (ComfyUI-GGUF) is decoded by `lofa_core.gguf_weights`.
+    ComfyUI applies it: to a float32 copy. A plain float weight without one is returned as stored (no copy).
+    GGUF storage (ComfyUI-GGUF) is decoded by `lofa_core.gguf_weights`.
     """
     if _get_key_weight is not None:
         stored, _, convert = _get_key_weight(model.model, key)
@@ -124,6 +124,9 @@ def base_weight(model, key: str) -> torch.Tensor:
         stored = hook_backup[0]
     if is_gguf_tensor(stored):
         return dequantize_gguf(stored, key)
+    plain = type(stored) in (torch.Tensor, torch.nn.Parameter) and stored.dtype.itemsize >= 2
+    if convert is None and plain:
+        return stored.detach()
     weight = mm.cast_to_device(stored.detach(), stored.device, torch.float32, copy=True)
     if convert is not None:
         weight = convert(weight, inplace=True)
