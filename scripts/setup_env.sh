@@ -33,10 +33,9 @@ install_lock() {
   fi
 }
 
-runtimes=("$@")
-[ ${#runtimes[@]} -eq 0 ] && runtimes=(2024 current)
-for runtime in "${runtimes[@]}"; do
-  case "$runtime" in
+# setup_runtime NAME: the virtualenv and the ComfyUI root of one runtime.
+setup_runtime() {
+  case "$1" in
     2024)
       install_lock .venv requirements/lock.txt
       .venv/bin/python scripts/fetch_comfyui.py 2024 >/dev/null
@@ -51,6 +50,17 @@ for runtime in "${runtimes[@]}"; do
       echo "import lofa_torchvision_op_schemas" > "$site/lofa_torchvision_op_schemas.pth"
       .venv-current/bin/python scripts/fetch_comfyui.py current >/dev/null
       ;;
-    *) echo "unknown runtime '$runtime' (use 2024 and/or current)" >&2; exit 2 ;;
+    *) echo "unknown runtime '$1' (use 2024 and/or current)" >&2; return 2 ;;
   esac
+}
+
+runtimes=("$@")
+[ ${#runtimes[@]} -eq 0 ] && runtimes=(2024 current)
+pids=()
+for runtime in "${runtimes[@]}"; do  # the runtimes are independent: set them up side by side
+  setup_runtime "$runtime" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do
+  wait "$pid"
 done
