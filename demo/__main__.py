@@ -4,7 +4,7 @@
 
 Builds (once) a tiny randomly initialised SDXL from ComfyUI's own classes and trains a LoFA checkpoint for it
 with `training/` on the tiny synthetic task suite (a few minutes, once; cached afterwards), starts the embedded
-ComfyUI headless with the pack installed, queues `workflows/api/lofa_sdxl.json` with those models substituted,
+ComfyUI headless with the pack installed, queues `example_workflows/api/lofa_sdxl.json` with those models substituted,
 and prints where the saved LoRA, the response-map PNG and the sampled image are. Idempotent: models are built
 and trained once; each run saves new numbered outputs. `--untrained` skips training and uses a randomly
 initialised LoFA checkpoint (plumbing only).
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     root = runtime.prepare_server_root(source, args.workdir / "comfyui")
     models = build_models(root, args.workdir, args.checkpoint, args.untrained)
     prompt = held_out_prompt(models.report) if models.report else None
-    graph = json.loads((runtime.REPO / "workflows" / "api" / "lofa_sdxl.json").read_text())
+    graph = json.loads((runtime.WORKFLOWS / "api" / "lofa_sdxl.json").read_text())
     graph = runtime.substitute(graph, {
         "CheckpointLoaderSimple": {"ckpt_name": models.base},
         "LoFAModelLoader": {"lofa_name": models.lofa, "dtype": "float32"},

@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO / ".cache" / "comfyui-2024"
+WORKFLOWS = REPO / "example_workflows"  # UI workflows and thumbnails; API format in api/
 PACK_NAME = "ComfyUI-LoFA"
 TINY_MODELS_NODE = "lofa_tiny_models.py"
 
@@ -48,47 +49,64 @@ def arrange_sys_path(root: Path) -> None:
 def import_comfy(root: Path) -> None:
     """Import ComfyUI on the CPU in this process.
 
-    ComfyUI imports torchvision at module level (only Stable Cascade and upscalers use it). A stand-in serves
-    that import and is taken off the path again, after transformers has cached that no real torchvision is
-    installed, so transformers and diffusers never mistake the stand-in for one.
+    The 2024 runtime imports torchvision at module level (only Stable Cascade and upscalers use it) but has none
+    installed: a stand-in (`_shims/`, written by scripts/fetch_comfyui.py) serves that import and is taken off the
+    path again, after transformers has cached that no real torchvision is installed, so transformers and
+    diffusers never mistake the stand-in for one. Current ComfyUI's environment has the real torchvision.
     """
     arrange_sys_path(root)
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+    shims = root / "_shims"
+    if not shims.is_dir():
+        import comfy.model_management  # noqa: F401  (after args.cpu)
+        import comfy.sd  # noqa: F401
+        import nodes  # noqa: F401
+        return
     try:
         from transformers.utils import import_utils
 
         import_utils.is_torchvision_available()
     except ImportError:
         pass
-    shims = str(root / "_shims")
-    sys.path.insert(0, shims)
+    sys.path.insert(0, str(shims))
     try:
         import comfy.model_management  # noqa: F401  (after args.cpu)
         import comfy.sd  # noqa: F401
         import nodes  # noqa: F401
     finally:
-        sys.path.remove(shims)
+        sys.path.remove(str(shims))
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
 
 
-def prepare_server_root(source: Path, dest: Path) -> Path:
-    """A private copy of the ComfyUI root with the pack (linked) and the tiny-model registration installed."""
+TINY_MODEL_REGISTRATIONS = ("demo.tiny_sdxl", "demo.tiny_clip_vision")
+
+
+def prepare_server_root(source: Path, dest: Path, registrations: tuple[str, ...] = TINY_MODEL_REGISTRATIONS,
+                        import_paths: tuple[Path, ...] = ()) -> Path:
+    """A private copy of the ComfyUI root with the pack (linked) and a helper node that registers tiny models.
+
+    `registrations` name modules whose `register()` teaches ComfyUI's loaders a tiny model (found on
+    `import_paths`, appended to sys.path, or in this repository); real models never need them.
+    """
     if not (dest / "main.py").exists():
         staging = dest.with_name(dest.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__", "output", "temp"))
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
+    (dest / "custom_nodes").mkdir(exist_ok=True)
     link = dest / "custom_nodes" / PACK_NAME
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
     (dest / "custom_nodes" / TINY_MODELS_NODE).write_text(
-        '"""Lets ComfyUI detect the tiny SDXL used by the LoFA demo and tests (not needed with real models)."""\n'
-        "import demo.tiny_clip_vision\nimport demo.tiny_sdxl\n\ndemo.tiny_sdxl.register()\n"
-        "demo.tiny_clip_vision.register()\nNODE_CLASS_MAPPINGS = {}\n"
+        '"""Lets ComfyUI load the tiny models of the LoFA demo and tests (not needed with real models)."""\n'
+        "import importlib\nimport sys\n\n"
+        f"sys.path.extend({[str(p) for p in import_paths]!r})\n"
+        f"for name in {list(registrations)!r}:\n    importlib.import_module(name).register()\n"
+        "NODE_CLASS_MAPPINGS = {}\n"
     )
     return dest
 
@@ -105,8 +123,9 @@ class Server:
     def __init__(self, root: Path, output_dir: Path, log_path: Path, port: int | None = None) -> None:
         self.root, self.port = root, port or free_port()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(root / "_shims"), str(REPO)] + (
-            [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        shims = [str(root / "_shims")] if (root / "_shims").is_dir() else []  # the 2024 runtime's torchvision
+        inherited = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+        env["PYTHONPATH"] = os.pathsep.join(shims + [str(REPO)] + inherited)
         env.setdefault("LOFA_TINY_CONFIG_DIR", str(REPO / ".cache" / "tiny_configs"))
         self.log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
         self.proc = subprocess.Popen(

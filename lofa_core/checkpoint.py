@@ -1,7 +1,8 @@
 """LoFA checkpoint files: one `.safetensors` per model, `stage1.*` and `stage2.*` tensors plus JSON metadata.
 
 Metadata key "lofa" holds: format name and version, both stage configs, the base-model family and the exact
-target list the model was trained on, the condition it expects and tau. Loading checks every tensor against
+target list the model was trained on, optionally a value signature of that base model (`base_signature`), the
+condition it expects and tau. Loading checks every tensor against
 the shapes the stored config implies and names the file, the tensor and the expected shape on any mismatch.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .base_signature import BaseSignature
 from .conditioning import ConditionSpec
 from .config import HyperNetConfig
 from .errors import CheckpointError
@@ -38,6 +40,7 @@ class LoFACheckpoint:
     tau: float
     name: str
     provenance: dict = field(default_factory=dict)
+    base_signature: BaseSignature | None = None  # None: trained before signatures existed, or the authors' release
 
     @property
     def trained(self) -> bool:
@@ -45,7 +48,8 @@ class LoFACheckpoint:
 
 
 def build_metadata(net: LoFAHypernet, catalog: TargetCatalog, condition: ConditionSpec, tau: float,
-                   provenance: Mapping | None = None) -> dict:
+                   provenance: Mapping | None = None, base_signature: BaseSignature | None = None) -> dict:
+    extra = {"base_signature": base_signature.to_json()} if base_signature is not None else {}
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -55,18 +59,21 @@ def build_metadata(net: LoFAHypernet, catalog: TargetCatalog, condition: Conditi
         "condition": condition.to_json(),
         "tau": float(tau),
         "provenance": dict(provenance or {}),
+        **extra,
     }
 
 
 def save_checkpoint(path: str | os.PathLike, net: LoFAHypernet, catalog: TargetCatalog,
                     condition: ConditionSpec, tau: float = 0.02, provenance: Mapping | None = None,
-                    dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-    """Write a checkpoint atomically; refuses to replace an existing file unless `overwrite`."""
+                    dtype: torch.dtype | None = None, overwrite: bool = False,
+                    base_signature: BaseSignature | None = None) -> Path:
+    """Write a checkpoint atomically; refuses to replace an existing file unless `overwrite`. `base_signature`
+    (lofa_core.base_signature.compute on the training base model) lets the nodes recognise that model."""
     check_consistency(net.stage1.cfg if net.stage1 is not None else None, net.stage2.cfg if net.stage2 else None,
                       catalog, condition, str(path))
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                for k, v in net.state_dict().items()}
-    meta = build_metadata(net, catalog, condition, tau, provenance)
+    meta = build_metadata(net, catalog, condition, tau, provenance, base_signature)
     return save_safetensors(tensors, path, {METADATA_KEY: json.dumps(meta)}, overwrite=overwrite)
 
 
@@ -111,6 +118,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
         catalog = TargetCatalog.from_json(meta["base_model"])
         condition = ConditionSpec.from_json(meta["condition"])
         tau = float(meta.get("tau", (stage1 or stage2).tau))
+        signature = BaseSignature.from_json(meta["base_signature"]) if meta.get("base_signature") else None
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"'{name}': the LoFA metadata is incomplete or invalid ({err}).") from err
     check_consistency(stage1, stage2, catalog, condition, name)
@@ -125,7 +133,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     if dtype is not None:
         net.to(dtype)
     net.eval().requires_grad_(False)
-    return LoFACheckpoint(net, catalog, condition, tau, name, dict(meta.get("provenance") or {}))
+    return LoFACheckpoint(net, catalog, condition, tau, name, dict(meta.get("provenance") or {}), signature)
 
 
 def _read_tensors(path: str | os.PathLike, name: str, expected: Mapping[str, tuple]) -> dict[str, torch.Tensor]:

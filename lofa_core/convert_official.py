@@ -28,6 +28,7 @@ from .config import HEAD_POOLED, RESPONSE_SOFTPLUS_TAU, HyperNetConfig
 from .errors import CheckpointError
 from .families.wan import ATTENTION_TYPES
 from .fileio import load_torch_weights_only
+from .file_hash import sha256_file
 from .hypernet import LoFAHypernet
 from .targets import TargetCatalog, build_catalog
 
@@ -162,7 +163,7 @@ def convert(stage1: str | Path, stage2: str | Path, out: str | Path, config: str
     provenance = {
         "trained": True, "source": "authors' LoFA release, converted by lofa_core.convert_official",
         "stage1_file": names[0], "stage2_file": names[1], "source_dtype": str(source_dtype).replace("torch.", ""),
-        "stage1_sha256": _sha256(stage1), "stage2_sha256": _sha256(stage2),
+        "stage1_sha256": sha256_file(stage1), "stage2_sha256": sha256_file(stage2),
     }
     condition = dataclasses.replace(WAN_TEXT, token_dim=cfg1.context_dim)
     return save_checkpoint(out, shell, official_catalog(cfg1), condition, tau=tau, provenance=provenance,
@@ -189,14 +190,6 @@ def convert_cached(stage1: str | Path, stage2: str | Path, cache_dir: str | Path
         except FileExistsError:  # converted concurrently by another process: use theirs
             pass
     return target
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

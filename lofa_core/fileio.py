@@ -78,11 +78,12 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
 
 def save_numbered(tensors: Mapping[str, torch.Tensor], directory: str | os.PathLike, prefix: str,
                   metadata: Mapping[str, str] | None = None, digits: int = 5, default_name: str = "lofa",
-                  label: str | None = None) -> Path:
-    """Save as `<directory>/<prefix>_NNNNN.safetensors` with the next free number; never overwrites.
+                  label: str | None = None, suffix: str = "") -> Path:
+    """Save as `<directory>/<prefix><suffix>_NNNNN.safetensors` with the next free number; never overwrites.
 
     `label` names `directory` in errors (e.g. "models/loras")."""
     folder, stem = numbered_location(directory, prefix, default_name, label)
+    stem += suffix
     pattern = re.compile(rf"^{re.escape(stem)}_(\d+)\.safetensors$")
     existing = [int(m.group(1)) for p in folder.glob("*.safetensors") if (m := pattern.match(p.name))]
     counter = max(existing, default=0) + 1

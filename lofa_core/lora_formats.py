@@ -2,7 +2,8 @@
 
 Scale convention. A predicted update is dW = scale * up @ down with up = B [out, r], down = A [r, in] and
 scale = the hypernetwork's alpha (no rank scaling). ComfyUI applies `(alpha_stored / r) * up @ down`, so
-files and LORA_MODEL dicts store `alpha_stored = scale * r`; patches carry the same value.
+LORA_MODEL dicts store `alpha_stored = scale * r`; patches carry the same value. Files fold the scale into the
+factors and store alpha 1 (see `to_file_state_dict`).
 """
 
 from __future__ import annotations
@@ -58,9 +59,42 @@ class PredictedLoRA:
         return len(self.factors)
 
 
-def to_lora_model(lora: PredictedLoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+class LoRAModel(dict):
+    """A LORA_MODEL: ComfyUI's plain dict of tensors (what every stock node sees), plus `metadata`, where the
+    LoRA came from (written into the file by LoFA Save LoRA)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})
+
+
+def to_lora_model(lora: PredictedLoRA, dtype: torch.dtype | None = None,
+                  metadata: Mapping[str, str] | None = None) -> LoRAModel:
     """ComfyUI LORA_MODEL dict: `diffusion_model.<path>.lora_up.weight`, `.lora_down.weight`, `.alpha`."""
-    return to_state_dict(lora, STYLE_COMFYUI, dtype)
+    return LoRAModel(to_state_dict(lora, STYLE_COMFYUI, dtype), metadata)
+
+
+def fold_scale(f: LoRAFactors) -> LoRAFactors:
+    """The same update with scale 1/rank: the factor `scale * rank` moved into up and down, balanced so both get
+    the same norm (good for fp16 storage and for training on from them)."""
+    target = f.scale * f.rank
+    up, down = f.up.float(), f.down.float()
+    up_norm, down_norm = up.norm().item(), down.norm().item()
+    if target == 0 or up_norm == 0 or down_norm == 0:
+        return LoRAFactors(up * target, down, 1.0 / f.rank)
+    balance = math.sqrt(abs(target) * down_norm / up_norm)
+    return LoRAFactors(up * math.copysign(balance, target), down * (abs(target) / balance), 1.0 / f.rank)
+
+
+def to_file_state_dict(lora: PredictedLoRA, style: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a LoRA file that every reader applies identically: the scale folded into the factors, alpha 1.
+
+    ComfyUI's LoRA loaders read `<name>.alpha` (scale alpha / rank), but Train LoRA's `existing_lora` reads
+    `<name>.weight.alpha` and otherwise uses 1: only alpha 1 means the same update to both (and to the 2024
+    loaders and other tools, which read `.alpha`).
+    """
+    return to_state_dict(PredictedLoRA(lora.family, {p: fold_scale(f) for p, f in lora.factors.items()}), style,
+                         dtype)
 
 
 def to_state_dict(lora: PredictedLoRA, style: str = STYLE_COMFYUI,

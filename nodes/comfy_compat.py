@@ -1,8 +1,9 @@
 """Everything that touches ComfyUI internals, written to work on March-2024 and 2025-26 ComfyUI alike.
 
 Version differences handled here (see comfyui-internals notes): the LoRA patch value (`LoRAAdapter` since
-April 2025, a tuple before), `add_patches` return values, the shape of `ModelPatcher.backup` entries, and
-`load_models_gpu` keyword arguments.
+April 2025, a tuple before), `add_patches` return values, the shape of `ModelPatcher.backup` entries, reading a
+stored weight (`get_key_weight` and its convert function since late 2024), and `load_models_gpu` keyword
+arguments.
 """
 
 from __future__ import annotations
@@ -20,11 +21,18 @@ import torch
 
 from ..lofa_core.checkpoint import LoFACheckpoint
 from ..lofa_core.errors import LoFAError
+from ..lofa_core.gguf_weights import dequantize as dequantize_gguf
+from ..lofa_core.gguf_weights import is_gguf_tensor, logical_shape
 
 log = logging.getLogger("ComfyUI-LoFA")
 
 LOFA_FOLDER = "lofa"
 LOFA_EXTENSIONS = {".safetensors", ".pth"}  # .pth: the authors' release, converted on first use
+
+try:  # ComfyUI since late 2024: a layer's stored weight plus the function that turns it into the real one
+    from comfy.model_patcher import get_key_weight as _get_key_weight
+except ImportError:
+    _get_key_weight = None
 
 try:  # ComfyUI >= April 2025 (PR #7540): weight adapters; the tuple form is ignored there.
     from comfy.weight_adapter import LoRAAdapter
@@ -69,27 +77,58 @@ def add_patches_checked(model, patches: dict, strength: float):
 
 
 def model_weight_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Shapes of the diffusion model's state dict, without copying any tensor."""
+    """Shapes of the diffusion model's state dict, without copying any tensor.
+
+    A layer's shape is read from its own weight where it has one: quantised storage (e.g. ComfyUI-GGUF's raw
+    blocks) reports its logical shape there, while its state-dict placeholder may have the storage's shape.
+    """
     sd = model.model_state_dict(filter_prefix="diffusion_model.")
-    return {k: tuple(v.shape) for k, v in sd.items()}
+    shapes = {}
+    for key, value in sd.items():
+        try:
+            stored = comfy.utils.get_attr(model.model, key)
+        except AttributeError:
+            stored = value
+        shapes[key] = logical_shape(stored if isinstance(stored, torch.Tensor) else value)
+    return shapes
+
+
+def model_file_name(model) -> str | None:
+    """The file a MODEL was loaded from, where ComfyUI records it (its loaders do since 2026)."""
+    init = getattr(model, "cached_patcher_init", None)
+    args = init[1] if isinstance(init, tuple) and len(init) > 1 else ()
+    path = args[0] if args and isinstance(args[0], str) else None
+    return os.path.basename(path) if path else None
 
 
 def base_weight(model, key: str) -> torch.Tensor:
-    """The unpatched weight of `key`, as the base model has it; never modifies the model.
+    """The base model's own weight `key` as real values, read the way ComfyUI reads it; the MODEL is never modified.
 
-    If ComfyUI has the model loaded with patches merged, the original sits in `backup` (a tensor in 2024, a
-    namedtuple with `.weight` later). Scaled-fp8 checkpoints keep a per-layer `scale_weight` next to it.
+    As in ComfyUI's `get_key_patches`: when ComfyUI has merged patches into the loaded model, the original sits in
+    `backup` (a tensor in 2024, a namedtuple with `.weight` later) or `hook_backup`; otherwise it is the layer's
+    parameter. Where the layer has a convert function (`get_key_weight`, ComfyUI since late 2024), e.g. scaled fp8
+    or a QuantizedTensor (2026 fp8/int8/fp4 checkpoints), it turns the stored form into the weight, applied as
+    ComfyUI applies it: to a float32 copy. A plain float weight without one is returned as stored (no copy).
+    GGUF storage (ComfyUI-GGUF) is decoded by `lofa_core.gguf_weights`.
     """
+    if _get_key_weight is not None:
+        stored, _, convert = _get_key_weight(model.model, key)
+    else:  # March-2024 ComfyUI: no convert functions
+        stored, convert = comfy.utils.get_attr(model.model, key), None
     backup = getattr(model, "backup", {}).get(key)
-    weight = getattr(backup, "weight", backup) if backup is not None else comfy.utils.get_attr(model.model, key)
-    weight = weight.detach()
-    scale_key = key[: -len("weight")] + "scale_weight"
-    try:
-        scale = comfy.utils.get_attr(model.model, scale_key)
-    except AttributeError:
-        scale = None
-    if isinstance(scale, torch.Tensor) and weight.dtype.itemsize == 1:
-        return weight.float() * scale.float().to(weight.device)
+    hook_backup = getattr(model, "hook_backup", {}).get(key)
+    if backup is not None:
+        stored = getattr(backup, "weight", backup)
+    elif hook_backup is not None:
+        stored = hook_backup[0]
+    if is_gguf_tensor(stored):
+        return dequantize_gguf(stored, key)
+    plain = type(stored) in (torch.Tensor, torch.nn.Parameter) and stored.dtype.itemsize >= 2
+    if convert is None and plain:
+        return stored.detach()
+    weight = mm.cast_to_device(stored.detach(), stored.device, torch.float32, copy=True)
+    if convert is not None:
+        weight = convert(weight, inplace=True)
     return weight
 
 

@@ -6,16 +6,20 @@ image or pose); exactly one of the two is connected.
 
 from __future__ import annotations
 
-from ..lofa_core.errors import ConditionError, LoFAError
+from ..lofa_core import base_signature
+from ..lofa_core.errors import ConditionError, LoFAError, ModelFamilyError
+from ..lofa_core.file_hash import sha256_file
 from ..lofa_core.lora_formats import PredictedLoRA, to_lora_model
+from ..lofa_core.lora_metadata import prediction_metadata
 from ..lofa_core.predict import predict, shape_groups, truncate_rank
 from ..lofa_core.targets import build_catalog, check_compatible, select_targets
 from . import prediction_cache
-from .comfy_compat import Progress, base_weight, intermediate_device, log, model_weight_shapes
+from .comfy_compat import Progress, base_weight, intermediate_device, log, model_file_name, model_weight_shapes
 from .conditions import LoFACondition, from_conditioning
 
 CATEGORY = "LoFA"
 TARGET_CHOICES = ["all", "self-attention", "cross-attention"]
+BASE_MODEL_CHECKS = ["refuse", "warn"]
 
 
 class LoFAPredictLoRA:
@@ -50,10 +54,16 @@ class LoFAPredictLoRA:
                                                              "model's text encoder (first entry used)."}),
                 "condition": ("LOFA_CONDITION", {"tooltip": "Or a prompt from a LoFA Text / Image / Pose Condition "
                                                             "node."}),
+                "base_model_check": (BASE_MODEL_CHECKS, {
+                    "default": "refuse",
+                    "tooltip": "When the MODEL has the right shapes but not the weights of the base model the LoFA "
+                               "checkpoint was trained on (e.g. WAN 2.1 14B vs a WAN 2.2 A14B expert, or a "
+                               "fine-tune): refuse, or warn in the log and predict anyway."}),
             },
         }
 
-    def predict(self, model, lofa_model, conditioning=None, targets="all", rank=0, batch_size=8, condition=None):
+    def predict(self, model, lofa_model, conditioning=None, targets="all", rank=0, batch_size=8, condition=None,
+                base_model_check="refuse"):
         ckpt = lofa_model.checkpoint
         model_catalog = build_catalog(model_weight_shapes(model), ckpt.catalog.groups)
         check_compatible(ckpt.catalog, model_catalog, ckpt.name)
@@ -65,9 +75,13 @@ class LoFAPredictLoRA:
         def read(t):
             return base_weight(model, t.key)
 
+        model_name = _model_name(model_file_name(model), model_catalog)
+        _check_base_model(ckpt, model_catalog, read, model_name, base_model_check)
+
+        prompt_digest = prediction_cache.condition_digest(condition)
         cache_key = prediction_cache.key(
             prediction_cache.file_identity(lofa_model.path), str(lofa_model.dtype), targets, rank,
-            prediction_cache.weights_fingerprint(chosen.targets, read), prediction_cache.condition_digest(condition))
+            prediction_cache.weights_fingerprint(chosen.targets, read), prompt_digest)
         cached = prediction_cache.get(cache_key)
         if cached is not None:
             log.info("LoFA: same checkpoint, base weights and prompt as before: reusing the predicted LoRA")
@@ -87,9 +101,36 @@ class LoFAPredictLoRA:
         log.info("LoFA: predicted a rank-%d LoRA for %d layers (%d prompt tokens); %.1f%% of weights respond",
                  next(iter(lora.factors.values())).rank, len(lora), condition.real_tokens,
                  100 * result.response.mean_active())
-        output = (to_lora_model(lora), result.response)
+        metadata = prediction_metadata(
+            checkpoint=ckpt.name, checkpoint_sha256=sha256_file(lofa_model.path), base_model=model_name,
+            prompt_kind=condition.kind, prompt_digest=prompt_digest, targets=targets, layers=len(lora))
+        output = (to_lora_model(lora, metadata=metadata), result.response)
         prediction_cache.put(cache_key, output)
         return output
+
+
+def _model_name(file_name: str | None, catalog) -> str:
+    return f"{file_name}, {catalog.describe()}" if file_name else catalog.describe()
+
+
+def _check_base_model(ckpt, model_catalog, read, model_name: str, mode: str) -> None:
+    """Same shapes are not the same model: compare the MODEL's weights with the checkpoint's base signature."""
+    signature = ckpt.base_signature
+    if signature is None:
+        return
+    difference = base_signature.distance(signature, model_catalog, read)
+    if difference <= base_signature.SAME_MODEL_TOLERANCE:
+        return
+    message = (f"LoFA checkpoint '{ckpt.name}' was trained on {signature.name}, but this MODEL ({model_name}) has "
+               f"other weights: they differ from that model's by {difference:.0%} where the checkpoint recorded them "
+               f"(the same model stored in another precision or quantised differs by under "
+               f"{base_signature.SAME_MODEL_TOLERANCE:.0%}). Models with the same layers and shapes can still be "
+               f"different models, e.g. WAN 2.1 T2V 14B and the WAN 2.2 A14B high- and low-noise experts.")
+    if mode == "warn":
+        log.warning("LoFA: %s Predicting anyway (base_model_check is 'warn').", message)
+        return
+    raise ModelFamilyError(f"{message} Load {signature.name} as the MODEL, or set base_model_check to 'warn' to "
+                           f"use this checkpoint on a fine-tuned or merged variant of it anyway.")
 
 
 def _prompt(conditioning, condition: LoFACondition | None) -> LoFACondition:

@@ -1,4 +1,8 @@
-"""LoFA Save LoRA: LORA_MODEL -> models/loras/<prefix>_NNNNN.safetensors (atomic, never overwrites)."""
+"""LoFA Save LoRA: LORA_MODEL -> models/loras/<prefix>_0_steps_NNNNN.safetensors (atomic, never overwrites).
+
+The `_0_steps_` is ComfyUI's naming of trained LoRAs (Train LoRA's `existing_lora` reads the step count from it):
+a LoFA LoRA had no training steps, and Train LoRA can continue from it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import os
 import folder_paths
 import torch
 
-from .. import lofa_core
 from ..lofa_core.errors import LoRAFormatError
 from ..lofa_core.fileio import save_numbered
 from ..lofa_core.lora_formats import (
@@ -16,14 +19,17 @@ from ..lofa_core.lora_formats import (
     PredictedLoRA,
     check_finite,
     check_fits_dtype,
+    fold_scale,
     looks_like_sdxl,
     read_lora_state_dict,
-    to_state_dict,
+    to_file_state_dict,
 )
+from ..lofa_core.lora_metadata import file_metadata
 from .comfy_compat import log
 
 CATEGORY = "LoFA"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STEPS_SUFFIX = "_0_steps"
 
 
 class LoFASaveLoRA:
@@ -40,11 +46,12 @@ class LoFASaveLoRA:
             "required": {
                 "lora": ("LORA_MODEL", {"tooltip": "The LoRA to save."}),
                 "filename_prefix": ("STRING", {"default": "LoFA/lofa", "tooltip": "Path under models/loras; "
-                                               "_00001 etc. is appended."}),
+                                               "_0_steps_00001 etc. is appended (ComfyUI's trained-LoRA naming)."}),
                 "key_style": (["auto", STYLE_COMFYUI, STYLE_KOHYA], {
                     "default": "auto",
-                    "tooltip": "auto: kohya 'lora_unet_' names for SDXL (load on every ComfyUI version), "
-                               "ComfyUI 'diffusion_model.' names for WAN."}),
+                    "tooltip": "auto: kohya 'lora_unet_' names for SDXL (load on every ComfyUI version and in "
+                               "other tools), ComfyUI 'diffusion_model.' names for WAN. comfyui: also what Train "
+                               "LoRA's existing_lora reads (needed for SDXL there)."}),
                 "dtype": (list(DTYPES), {"default": "float16", "tooltip": "Precision of the saved factors."}),
             }
         }
@@ -55,16 +62,18 @@ class LoFASaveLoRA:
             raise LoRAFormatError(f"The LORA_MODEL has entries this node cannot save (e.g. {leftovers[:3]}); "
                                   f"connect the lora output of LoFA Predict LoRA.")
         check_finite(factors, "the LORA_MODEL")
-        check_fits_dtype(factors, DTYPES[dtype], "the LORA_MODEL", "save it as bfloat16 or float32 (dtype input)")
+        check_fits_dtype({p: fold_scale(f) for p, f in factors.items()}, DTYPES[dtype], "the LORA_MODEL",
+                         "save it as bfloat16 or float32 (dtype input)")  # the stored factors hold the scale
         paths = list(factors)
         family = "sdxl" if looks_like_sdxl(paths) else "wan2.1-t2v"
         style = key_style if key_style != "auto" else (STYLE_KOHYA if family == "sdxl" else STYLE_COMFYUI)
-        tensors = to_state_dict(PredictedLoRA(family, factors), style, DTYPES[dtype])
-        metadata = {"lofa.generator": f"ComfyUI-LoFA {lofa_core.__version__}", "lofa.family": family,
-                    "lofa.rank": str(next(iter(factors.values())).rank)}
+        tensors = to_file_state_dict(PredictedLoRA(family, factors), style, DTYPES[dtype])
+        prefix = filename_prefix.strip() or "LoFA/lofa"
+        rank = next(iter(factors.values())).rank
+        metadata = file_metadata(getattr(lora, "metadata", {}), family=family, rank=rank, key_style=style,
+                                 title=os.path.basename(prefix))
         root = folder_paths.get_folder_paths("loras")[0]
-        path = save_numbered(tensors, root, filename_prefix.strip() or "LoFA/lofa", metadata,
-                             label="models/loras")
+        path = save_numbered(tensors, root, prefix, metadata, label="models/loras", suffix=STEPS_SUFFIX)
         relative = os.path.relpath(path, root)
         log.info("LoFA: saved LoRA to %s", path)
         return {"ui": {"lofa_lora": [relative]}, "result": ()}

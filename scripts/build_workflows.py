@@ -1,10 +1,13 @@
-"""Generate the shipped workflows (UI format for dragging in, API format for headless runs) from one spec.
+"""Generate the shipped workflows from one spec: UI format for dragging in, API format for headless runs, and a
+thumbnail per workflow for ComfyUI's template browser.
 
 Both formats come from the same graph, so they cannot drift apart. Widget order, sockets and link types come
 from node definitions (ComfyUI's /object_info): core nodes from `tests/data/object_info_comfyui.json`
-(recorded from ComfyUI a125cd8, Oct 2025), LoFA nodes from the pack itself.
+(recorded from ComfyUI v0.28.2), LoFA nodes from the pack itself. The thumbnail draws the graph (LoFA nodes in
+orange) under the workflow's title.
 
-Usage: python scripts/build_workflows.py            (rewrites workflows/*.json and workflows/api/*.json)
+Usage: python scripts/build_workflows.py
+  (rewrites example_workflows/*.json, example_workflows/*.jpg and example_workflows/api/*.json)
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "example_workflows"  # the folder name ComfyUI's template browser prefers
 OBJECT_INFO = REPO / "tests" / "data" / "object_info_comfyui.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_INPUTS = {"seed", "noise_seed"}
 
 NEGATIVE_SDXL = "blurry, low quality, distorted, watermark, text"
-# WAN 2.1's recommended negative prompt (from its example workflows).
+# The authors' negative prompt: WAN 2.1's `sample_neg_prompt`, the default of the DiffSynth Wan pipeline LoFA's
+# inference uses.
 NEGATIVE_WAN = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
                 "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，"
                 "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
                 "杂乱的背景，三条腿，背景人很多，倒着走")
+
+WAN_TEXT_ENCODER = "umt5_xxl_fp16.safetensors"  # the authors' LoFA prompt came from the bf16 umT5; fp8 alters it
 
 SDXL_NOTE = """# LoFA on SDXL: a personalised LoRA from a prompt, no training
 
@@ -39,13 +46,15 @@ WAN_NOTE = """# LoFA on WAN 2.1 T2V 1.3B with the authors' released model: a mot
 
 Models (put them here):
 - models/diffusion_models: wan2.1_t2v_1.3B_fp16.safetensors
-- models/text_encoders: umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- models/text_encoders: umt5_xxl_fp16.safetensors (not the fp8 one: LoFA reads the prompt's umT5 features, and
+  the authors used the bf16 encoder; fp8 changes those values)
 - models/vae: wan_2.1_vae.safetensors
 - models/lofa: stage1_preview.pth AND stage2_preview.pth from huggingface.co/ymhao/LoFA_v0 (converted on first
   use; or convert once with python -m lofa_core.convert_official and pick the .safetensors)
 
 The prompt drives the video and, through LoFA Predict LoRA, becomes the LoRA, as in the authors' pipeline
-(same LoRA for both CFG passes; sampling as the authors: shift 5, 50 Euler steps, CFG 5, 81 frames, 832x480).
+(same LoRA for both CFG passes; sampling as the authors: shift 5, 50 Euler steps, CFG 5, 81 frames, 832x480,
+their negative prompt).
 The preview model was trained on MotionX human-action prompts: describe a person's motion in detail.
 The official model fits only WAN 2.1 T2V 1.3B. Needs a ComfyUI with WAN support (2025 or later)."""
 
@@ -65,7 +74,7 @@ def sdxl_graph() -> tuple[dict, dict]:
         "5": ("CLIPTextEncode", {"text": "a person with curly red hair and freckles, warm smile",
                                  "clip": link("1", 1)}),
         "6": ("LoFAPredictLoRA", {"model": link("1"), "lofa_model": link("4"), "conditioning": link("5"),
-                                  "targets": "all", "rank": 0, "batch_size": 8}),
+                                  "targets": "all", "rank": 0, "batch_size": 8, "base_model_check": "refuse"}),
         "7": ("LoFAApplyLoRA", {"model": link("1"), "lora": link("6"), "strength_model": 1.0}),
         "8": ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
         "9": ("KSampler", {"model": link("7"), "seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
@@ -91,7 +100,7 @@ def sdxl_graph() -> tuple[dict, dict]:
 def wan_graph() -> tuple[dict, dict]:
     g = {
         "1": ("UNETLoader", {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
-        "2": ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+        "2": ("CLIPLoader", {"clip_name": WAN_TEXT_ENCODER, "type": "wan",
                              "device": "default"}),
         "3": ("VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
         "4": ("ModelSamplingSD3", {"model": link("1"), "shift": 5.0}),
@@ -101,7 +110,7 @@ def wan_graph() -> tuple[dict, dict]:
         "6": ("CLIPTextEncode", {"text": NEGATIVE_WAN, "clip": link("2")}),
         "7": ("LoFAModelLoader", {"lofa_name": "stage2_preview.pth", "dtype": "auto"}),
         "8": ("LoFAPredictLoRA", {"model": link("4"), "lofa_model": link("7"), "conditioning": link("5"),
-                                  "targets": "all", "rank": 0, "batch_size": 8}),
+                                  "targets": "all", "rank": 0, "batch_size": 8, "base_model_check": "refuse"}),
         "9": ("LoFAApplyLoRA", {"model": link("4"), "lora": link("8"), "strength_model": 1.0}),
         "10": ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 81, "batch_size": 1}),
         "11": ("KSampler", {"model": link("9"), "seed": 42, "steps": 50, "cfg": 5.0, "sampler_name": "euler",
@@ -127,7 +136,7 @@ def wan_graph() -> tuple[dict, dict]:
 
 
 WAN_MODELS = """- models/diffusion_models: wan2.1_t2v_1.3B_fp16.safetensors
-- models/text_encoders: umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- models/text_encoders: umt5_xxl_fp16.safetensors (not fp8: it changes the prompt features LoFA reads)
 - models/vae: wan_2.1_vae.safetensors"""
 
 POSE_NOTE = f"""# LoFA pose-guided human action video (WAN 2.1 T2V): a motion LoRA from a pose sequence
@@ -204,12 +213,12 @@ def sdxl_identity_graph() -> tuple[dict, dict]:
     return g, layout
 
 
-WORKFLOWS = {
-    "lofa_sdxl": (sdxl_graph, SDXL_NOTE),
-    "lofa_wan21_t2v": (wan_graph, WAN_NOTE),
-    "lofa_wan21_pose": (lambda: wan_condition_graph("pose"), POSE_NOTE),
-    "lofa_wan21_style": (lambda: wan_condition_graph("style"), STYLE_NOTE),
-    "lofa_sdxl_identity": (sdxl_identity_graph, IDENTITY_NOTE),
+WORKFLOWS = {  # name: (graph, note, thumbnail title)
+    "lofa_sdxl": (sdxl_graph, SDXL_NOTE, "LoFA: SDXL LoRA from a text prompt"),
+    "lofa_wan21_t2v": (wan_graph, WAN_NOTE, "LoFA: WAN 2.1 motion LoRA from text"),
+    "lofa_wan21_pose": (lambda: wan_condition_graph("pose"), POSE_NOTE, "LoFA: WAN 2.1 motion LoRA from poses"),
+    "lofa_wan21_style": (lambda: wan_condition_graph("style"), STYLE_NOTE, "LoFA: WAN 2.1 style LoRA from an image"),
+    "lofa_sdxl_identity": (sdxl_identity_graph, IDENTITY_NOTE, "LoFA: SDXL identity LoRA from a face"),
 }
 
 
@@ -309,16 +318,55 @@ def load_object_info() -> dict:
     return info
 
 
+THUMBNAIL_SIZE = (480, 270)
+TITLE_HEIGHT = 44
+LOFA_COLOR, CORE_COLOR, LINK_COLOR, BACKGROUND = (232, 160, 58), (74, 92, 112), (150, 160, 170), (30, 32, 36)
+
+
+def thumbnail(ui: dict, title: str):
+    """The workflow's graph, scaled into a small JPEG-sized picture under its title (LoFA nodes in orange)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = THUMBNAIL_SIZE
+    image = Image.new("RGB", THUMBNAIL_SIZE, BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["type"])
+             for n in ui["nodes"] if n["type"] != "Note"}
+    left, top = min(b[0] for b in boxes.values()), min(b[1] for b in boxes.values())
+    right, bottom = max(b[2] for b in boxes.values()), max(b[3] for b in boxes.values())
+    margin = 10
+    scale = min((width - 2 * margin) / (right - left), (height - TITLE_HEIGHT - margin) / (bottom - top))
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return margin + (x - left) * scale, TITLE_HEIGHT + (y - top) * scale
+
+    for _, src, _, dst, _, _ in ui["links"]:
+        (x0, y0), (x1, y1) = at(boxes[src][2], (boxes[src][1] + boxes[src][3]) / 2), at(boxes[dst][0], (
+            boxes[dst][1] + boxes[dst][3]) / 2)
+        draw.line([(x0, y0), (x1, y1)], fill=LINK_COLOR, width=1)
+    for x0, y0, x1, y1, kind in boxes.values():
+        color = LOFA_COLOR if kind.startswith("LoFA") else CORE_COLOR
+        draw.rounded_rectangle([at(x0, y0), at(x1, y1)], radius=3, fill=color, outline=(220, 220, 220))
+    draw.text((margin, 8), title, fill=(240, 240, 240), font=ImageFont.load_default(size=17))
+    return image
+
+
+def write_thumbnail(ui: dict, title: str, path: Path) -> None:
+    thumbnail(ui, title).save(path, "JPEG", quality=80, optimize=True)
+
+
 def build() -> list[Path]:
     info = load_object_info()
     written = []
-    for name, (make, note) in WORKFLOWS.items():
+    (OUT / "api").mkdir(parents=True, exist_ok=True)
+    for name, (make, note, title) in WORKFLOWS.items():
         graph, layout = make()
-        (REPO / "workflows" / "api").mkdir(parents=True, exist_ok=True)
-        for path, data in ((REPO / "workflows" / "api" / f"{name}.json", to_api(graph, layout)),
-                           (REPO / "workflows" / f"{name}.json", to_ui(graph, layout, note, info))):
+        ui = to_ui(graph, layout, note, info)
+        for path, data in ((OUT / "api" / f"{name}.json", to_api(graph, layout)), (OUT / f"{name}.json", ui)):
             path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
             written.append(path)
+        write_thumbnail(ui, title, OUT / f"{name}.jpg")
+        written.append(OUT / f"{name}.jpg")
     return written
 
 

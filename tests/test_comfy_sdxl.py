@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-
 import pytest
 import torch
-from conftest import node
+from conftest import node, stock_training_node
 
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
 from lofa_core.conditioning import SDXL_TEXT, prepare_condition
@@ -95,7 +92,7 @@ def test_saved_file_loads_in_stock_lora_loader(comfy, model_dirs):
     lora, _ = run_nodes(comfy, model, "tiny.safetensors", conditioning)
     result = node(comfy, "LoFASaveLoRA").save(lora, "LoFA/test", "auto", "float32")
     (saved,) = result["ui"]["lofa_lora"]
-    assert (model_dirs.loras / saved).is_file() and saved.endswith("test_00001.safetensors")
+    assert (model_dirs.loras / saved).is_file() and saved.endswith("test_0_steps_00001.safetensors")
     from safetensors.torch import load_file
 
     keys = load_file(model_dirs.loras / saved)
@@ -115,7 +112,7 @@ def test_saved_file_loads_in_stock_lora_loader(comfy, model_dirs):
         torch.testing.assert_close(weights[id(stock)][key], weights[id(ours)][key], rtol=1e-5, atol=1e-6)
 
     second = node(comfy, "LoFASaveLoRA").save(lora, "LoFA/test", "auto", "float16")["ui"]["lofa_lora"][0]
-    assert second.endswith("test_00002.safetensors") and (model_dirs.loras / saved).is_file()
+    assert second.endswith("test_0_steps_00002.safetensors") and (model_dirs.loras / saved).is_file()
 
 
 def test_cancel_button_stops_prediction(comfy, model_dirs):
@@ -136,17 +133,10 @@ def test_lora_model_plugs_into_stock_lora_model_loader(comfy, model_dirs):
     """Current ComfyUI's own LoraModelLoader (LORA_MODEL input) applies the predicted LoRA identically."""
     import comfy.model_management as mm
 
-    extra = comfy.root / "comfy_extras" / "nodes_train.py"
-    if "LoraModelLoader" not in comfy.mappings and extra.exists():
-        loaded = comfy.nodes.load_custom_node(str(extra), module_parent="comfy_extras")
-        if inspect.iscoroutine(loaded):
-            asyncio.run(loaded)
-    if "LoraModelLoader" not in comfy.mappings:
-        pytest.skip("this ComfyUI has no LoraModelLoader node (added in 2025)")
+    stock_node = stock_training_node(comfy, "LoraModelLoader")
     model = comfy.tiny_sdxl.build_model(seed=3)
     make_checkpoint(comfy, model, model_dirs.lofa / "tiny.safetensors", seed=3)
     lora, _ = run_nodes(comfy, model, "tiny.safetensors", sdxl_conditioning(seed=3))
-    stock_node = comfy.mappings["LoraModelLoader"]
     if hasattr(stock_node, "execute"):  # V3 node (newer ComfyUI)
         stock = stock_node.execute(model=model, lora=lora, strength_model=STRENGTH)[0]
     else:

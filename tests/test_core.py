@@ -267,3 +267,18 @@ def test_package_version_matches_pyproject():
 
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert re.search(r'(?m)^version = "([^"]+)"', text).group(1) == lofa_core.__version__
+
+
+def test_registry_metadata_reads_with_comfyuis_own_parser():
+    """pyproject's [tool.comfy] and classifiers as ComfyUI's registry reader (comfy_config, 2025+) sees them."""
+    from pathlib import Path
+
+    import lofa_core
+
+    config_parser = pytest.importorskip("comfy_config.config_parser", reason="ComfyUI's registry reader is 2025+")
+    config = config_parser.extract_node_configuration(str(Path(__file__).resolve().parent.parent))
+    assert config.project.name == "comfyui-lofa" and config.project.version == lofa_core.__version__
+    assert config.project.supported_comfyui_version == ">=0.0.1"
+    assert config.project.supported_os == ["OS Independent"]
+    assert config.project.supported_accelerators == ["GPU :: NVIDIA CUDA"]
+    assert config.tool_comfy.publisher_id == "comfyui-lofa" and config.tool_comfy.display_name == "ComfyUI-LoFA"

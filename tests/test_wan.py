@@ -115,16 +115,9 @@ def test_tiny_wan_patched_by_model_patcher(comfy, model_dirs):
     assert "diffusion_model.blocks.1.cross_attn.o.alpha" in file_sd
     reread, leftovers = read_lora_state_dict(file_sd, catalog.by_path())
     assert not leftovers
-    for path, f in factors.items():
-        torch.testing.assert_close(reread[path].delta(), f.delta(), rtol=1e-6, atol=1e-9)
-
-
-@pytest.fixture
-def native_wan(comfy):
-    if not tiny_wan.native_available():
-        pytest.skip("this ComfyUI has no WAN model class (the embedded 2024 runtime); set LOFA_COMFYUI_ROOT to a "
-                    "current ComfyUI to run it")
-    return tiny_wan.build_native(seed=5)
+    for path, f in factors.items():  # the file folds the scale into the factors: float32 rounding only
+        delta = f.delta()
+        torch.testing.assert_close(reread[path].delta(), delta, rtol=1e-5, atol=1e-5 * delta.abs().max().item())
 
 
 def test_key_mapping_matches_comfy_wan_numerically(native_wan):

@@ -10,6 +10,7 @@ from accelerate.utils import set_seed
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lofa_core import base_signature
 from lofa_core.checkpoint import LoFACheckpoint, load_checkpoint, save_checkpoint
 from lofa_core.conditioning import DEFAULT_FOR_FAMILY, ConditionSpec, image_spec, pose_spec
 from lofa_core.hypernet import LoFAHypernet, Stage1Net, Stage2Net
@@ -149,7 +150,8 @@ def run_stage1(cfg: Stage1Config, resume: str | bool = False) -> Path:
     out = Path(cfg.out) / STAGE1_EXPORT
     if trainer.is_main:
         export(out, net, None, data.catalog, data.spec, cfg.tau, {"stage1_steps": cfg.steps, "dataset": cfg.dataset,
-                                                                  "base_model": Path(cfg.base_model).name})
+                                                                  "base_model": Path(cfg.base_model).name},
+               data.weights)
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -200,14 +202,17 @@ def run_stage2(cfg: Stage2Config, resume: str | bool = False) -> Path:
     if trainer.is_main:
         provenance = {**(first.provenance if first else {"single_stage": True}), "stage2_steps": cfg.steps,
                       "dataset": cfg.dataset, "base_model": Path(cfg.base_model).name}
-        export(out, stage1, net, data.catalog, data.spec, tau, provenance)
+        export(out, stage1, net, data.catalog, data.spec, tau, provenance, data.weights)
     trainer.accelerator.wait_for_everyone()
     return out
 
 
 def export(out: Path, stage1: Stage1Net | None, stage2: Stage2Net | None, catalog: TargetCatalog, spec: ConditionSpec,
-           tau: float, provenance: dict) -> Path:
-    """The run's result in the pack's checkpoint format (loads in the Load LoFA Model node)."""
+           tau: float, provenance: dict, base_weights: dict[str, torch.Tensor]) -> Path:
+    """The run's result in the pack's checkpoint format (loads in the Load LoFA Model node), with the signature of
+    the base model it was trained on (`base_weights`: target path -> weight), so the nodes recognise that model."""
     net = LoFAHypernet.from_stages(stage1, stage2)
     meta = {"trained": True, "source": "python -m training", "condition_kind": spec.kind, **provenance}
-    return save_checkpoint(out, net, catalog, spec, tau=tau, provenance=meta, overwrite=True)
+    name = f"{provenance['base_model']} ({catalog.describe()})"
+    signature = base_signature.compute(catalog, lambda t: base_weights[t.path], name)
+    return save_checkpoint(out, net, catalog, spec, tau=tau, provenance=meta, overwrite=True, base_signature=signature)

@@ -1,4 +1,6 @@
-"""WAN 2.1 text-to-video (1.3B, 14B or any size): targets in the authors' `VALID_LAYERS` order."""
+"""WAN text-to-video (2.1 1.3B / 14B, 2.2 5B and A14B experts, or any size): targets in the authors'
+`VALID_LAYERS` order. All of them share key names; sizes name the model where they can (2.1 14B and the 2.2 A14B
+experts have the same shapes: lofa_core.base_signature tells those apart)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ ATTENTION_TYPES = (
 )
 FFN_TYPES = ("ffn.0", "ffn.2")
 _BLOCK_WEIGHT = re.compile(r"^blocks\.(\d+)\.(.+)\.weight$")
-_KNOWN_SIZES = {(1536, 30): "1.3B", (5120, 40): "14B"}
+# (dim, blocks, latent channels in) -> name
+_KNOWN_SIZES = {(1536, 30, 16): "WAN 2.1 T2V 1.3B", (5120, 40, 16): "WAN 2.1 T2V 14B or a WAN 2.2 A14B expert",
+                (3072, 30, 48): "WAN 2.2 TI2V 5B"}
 
 
 def matches(rel: Mapping[str, tuple[int, ...]]) -> bool:
@@ -45,8 +49,9 @@ def build(rel: Mapping[str, tuple[int, ...]], groups: tuple[str, ...]) -> Target
     targets.sort(key=lambda t: (t.depth, t.type_index))
     num_depths = max(depths) + 1
     dim = rel["blocks.0.self_attn.q.weight"][0]
-    size = _KNOWN_SIZES.get((dim, num_depths))
-    summary = f"WAN 2.1 T2V{' ' + size if size else ''} ({num_depths} blocks, dim {dim})"
+    in_channels = rel.get("patch_embedding.weight", (dim, 16))[1]
+    name = _KNOWN_SIZES.get((dim, num_depths, in_channels), "WAN 2.1 T2V" if in_channels == 16 else "WAN 2.2 T2V")
+    summary = f"{name} ({num_depths} blocks, dim {dim})"
     return TargetCatalog(FAMILY, type_names, num_depths, groups, tuple(targets), summary)
 
 

@@ -1,0 +1,48 @@
+"""What a saved LoRA file says about itself: LoFA's own `lofa.*` keys and the SAI model-spec `modelspec.*` keys
+that LoRA managers and trainers read (architecture, title, description, date)."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+
+from . import __version__
+
+# family -> (modelspec architecture, reference implementation)
+_ARCHITECTURES = {
+    "wan2.1-t2v": ("wan2.1/lora", "https://github.com/Wan-Video/Wan2.1"),
+    "sdxl": ("stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),
+}
+STRENGTH_HINT = "1.0"  # strength 1 applies exactly the predicted update
+
+
+def prediction_metadata(*, checkpoint: str, checkpoint_sha256: str, base_model: str, prompt_kind: str,
+                        prompt_digest: str, targets: str, layers: int) -> dict[str, str]:
+    """Where a predicted LoRA came from (kept with the LORA_MODEL until it is saved)."""
+    return {"lofa.checkpoint": checkpoint, "lofa.checkpoint_sha256": checkpoint_sha256,
+            "lofa.base_model": base_model, "lofa.prompt_kind": prompt_kind, "lofa.prompt_blake2b": prompt_digest,
+            "lofa.targets": f"{targets} ({layers} layers)", "lofa.strength_hint": STRENGTH_HINT}
+
+
+def file_metadata(prediction: Mapping[str, str], *, family: str, rank: int, key_style: str,
+                  title: str) -> dict[str, str]:
+    """All string metadata of a saved LoRA file (`prediction` may be empty: a LORA_MODEL from another node)."""
+    architecture, implementation = _ARCHITECTURES[family]
+    base = prediction.get("lofa.base_model", "")
+    if family == "wan2.1-t2v" and "WAN 2.2" in base:
+        architecture, implementation = "wan2.2/lora", "https://github.com/Wan-Video/Wan2.2"
+    if prediction:
+        description = (f"Predicted in one forward pass by the LoFA checkpoint {prediction['lofa.checkpoint']} from a "
+                       f"{prediction['lofa.prompt_kind']} prompt, for {base}. Use at strength "
+                       f"{prediction['lofa.strength_hint']}.")
+    else:
+        description = "A LoRA saved by ComfyUI-LoFA."
+    return {
+        **prediction,
+        "lofa.generator": f"ComfyUI-LoFA {__version__}", "lofa.family": family, "lofa.rank": str(rank),
+        "lofa.key_style": key_style,
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation, "modelspec.title": title,
+        "modelspec.description": description,
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+    }
