@@ -27,8 +27,8 @@ from .conditioning import WAN_TEXT
 from .config import HEAD_POOLED, RESPONSE_SOFTPLUS_TAU, HyperNetConfig
 from .errors import CheckpointError
 from .families.wan import ATTENTION_TYPES
-from .fileio import load_torch_weights_only
 from .file_hash import sha256_file
+from .fileio import load_torch_weights_only
 from .hypernet import LoFAHypernet
 from .targets import TargetCatalog, build_catalog
 
