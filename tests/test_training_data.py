@@ -205,3 +205,25 @@ def test_trained_sdxl_base_loads_in_comfyui_with_its_new_weights(comfy, tmp_path
     loaded = patcher.model.diffusion_model.state_dict()
     for key, value in base.comfy_state_dict().items():
         assert torch.equal(loaded[key].float(), value.float()), key
+
+
+def test_sdxl_cross_attention_shares_each_captions_keys_exactly(comfy, tmp_path):
+    """With each caption repeated over consecutive rows (one LoRA per caption, as when LoRAs of several tasks
+    train in one batch), keys and values computed once per caption give diffusers' own result."""
+    from training.base_models import make_captions
+    from training.injection import inject
+
+    base = load_base_model(comfy.tiny_sdxl.save_checkpoint(tmp_path / "tiny_sdxl.safetensors", seed=8))
+    gen = torch.Generator().manual_seed(2)
+    contexts, pooled = [torch.randn(77, 2048, generator=gen) for _ in range(2)], [torch.randn(1280) for _ in range(2)]
+    latents = torch.randn(6, 4, 8, 8, generator=gen)
+    factors = {p: (torch.randn(2, 3, m.weight.shape[1], generator=gen) * 0.05,
+                   torch.randn(2, m.weight.shape[0], 3, generator=gen) * 0.05, torch.ones(2))
+               for p, m in base.modules.items()}
+    shared = make_captions(contexts, pooled, repeat=3)
+    assert shared.repeat == 3
+    with torch.no_grad(), inject(base.modules, factors):
+        ours = base.diffusion_loss(latents, shared, None, torch.Generator().manual_seed(0), reduce=False)
+        stock = base.diffusion_loss(latents, shared.tokens, shared.pooled, torch.Generator().manual_seed(0),
+                                    reduce=False)  # plain tensors: one caption per row, diffusers' processor
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)

@@ -120,10 +120,11 @@ class Captions:
     tokens: torch.Tensor  # [B, L', D]
     pooled: torch.Tensor | None = None  # [B, P] (SDXL)
     log_padding: float = 0.0
+    repeat: int = 1  # each caption fills this many consecutive rows (one LoRA per caption, if any)
 
     def to(self, device: torch.device | str) -> Captions:
         return Captions(self.tokens.to(device), None if self.pooled is None else self.pooled.to(device),
-                        self.log_padding)
+                        self.log_padding, self.repeat)
 
 
 def make_captions(tokens: Sequence[torch.Tensor], pooled: Sequence[torch.Tensor] | None = None,
@@ -139,7 +140,7 @@ def make_captions(tokens: Sequence[torch.Tensor], pooled: Sequence[torch.Tensor]
         log_padding = math.log(length - real)
     stacked = torch.stack(list(tokens)).repeat_interleave(repeat, dim=0)
     pooled_stacked = torch.stack(list(pooled)).repeat_interleave(repeat, dim=0) if pooled is not None else None
-    return Captions(stacked, pooled_stacked, log_padding)
+    return Captions(stacked, pooled_stacked, log_padding, repeat)
 
 
 def _real_rows(tokens: torch.Tensor) -> int:
@@ -220,6 +221,43 @@ class WanBase(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------- SDXL
+class SharedCaptionCrossAttention:
+    """SDXL cross-attention for batches in which each caption fills `repeat` consecutive rows: keys and values are
+    computed once per distinct caption (exact; LoRA hooks on to_k/to_v see one row per caption, which is also one
+    row per LoRA when each caption's rows share a LoRA). Anything unusual goes to diffusers' own processor."""
+
+    def __init__(self) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.stock = AttnProcessor2_0()
+        self.repeat = 1
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        r = self.repeat
+        plain = (encoder_hidden_states is not None and attention_mask is None and hidden_states.ndim == 3
+                 and attn.spatial_norm is None and attn.group_norm is None and not attn.norm_cross
+                 and not attn.residual_connection and not args and not kwargs)
+        if r == 1 or not plain or hidden_states.shape[0] % r:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        batch = hidden_states.shape[0]
+        context = encoder_hidden_states[::r]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(x.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key).repeat_interleave(r, 0), heads(value).repeat_interleave(r, 0)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
 def sdxl_unet_config(sd: Mapping[str, torch.Tensor]) -> dict:
     """diffusers UNet2DConditionModel arguments read off a ComfyUI (ldm/sgm) SDXL UNet state dict."""
     channels = sd["input_blocks.0.0.weight"].shape[0]
@@ -273,6 +311,10 @@ class SdxlBase(BaseModel):
         self.model = _frozen(model.float())
         self.catalog = catalog
         self.modules = {t.path: self.model.get_submodule(diffusers_path[t.path]) for t in catalog.targets}
+        self.cross_attention = SharedCaptionCrossAttention()
+        for name, module in self.model.named_modules():
+            if name.endswith(".attn2"):
+                module.set_processor(self.cross_attention)
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
 
@@ -291,8 +333,9 @@ class SdxlBase(BaseModel):
         abar = self.alphas_cumprod[t].to(x0.device).view(-1, 1, 1, 1)
         noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         time_ids = torch.tensor(self.TIME_IDS, device=x0.device).expand(x0.shape[0], -1)
-        if isinstance(tokens, Captions):
-            tokens, pooled = tokens.tokens, tokens.pooled
+        captions = as_captions(tokens, pooled)
+        tokens, pooled = captions.tokens, captions.pooled
+        self.cross_attention.repeat = captions.repeat
         pred = self.model(noisy, t.to(x0.device), encoder_hidden_states=tokens.to(x0.device),
                           added_cond_kwargs={"text_embeds": pooled.to(x0.device), "time_ids": time_ids},
                           return_dict=False)[0]
