@@ -69,7 +69,7 @@ def test_memory_levels_off_over_many_fresh_predictions(comfy, tmp_path_factory, 
     model = comfy.tiny_sdxl.build_model(seed=0)
     lofa_path = root / "models" / "lofa" / "tiny_lofa.safetensors"
     make_checkpoint(comfy, model, lofa_path, rank=RANK)
-    shipped = json.loads((runtime.REPO / "workflows" / "api" / "lofa_sdxl.json").read_text())
+    shipped = json.loads((runtime.REPO / "example_workflows" / "api" / "lofa_sdxl.json").read_text())
     save_id = next(k for k, v in shipped.items() if v["class_type"] == "LoFASaveLoRA")
     predict_id = next(k for k, v in shipped.items() if v["class_type"] == "LoFAPredictLoRA")
     prompt_id = shipped[predict_id]["inputs"]["conditioning"][0]

@@ -327,9 +327,9 @@ def write_report(workdir: Path, report: dict) -> None:
     if "adaptation" in report:
         a = report["adaptation"]
         lines += ["", "| test task | steps from usual start | steps from LoFA prior | speed-up |", "|---|---|---|---|"]
-        for name, u, p, r in zip(a["tasks"], a["steps_usual"], a["steps_prior"], a["speedup"]):
+        for task, u, p, r in zip(a["tasks"], a["steps_usual"], a["steps_prior"], a["speedup"]):
             bound = ">= " if math.isinf(u) else ""  # the usual start never got there within the run
-            lines.append(f"| {name} | {'not within the run' if math.isinf(u) else int(u)} | "
+            lines.append(f"| {task} | {'not within the run' if math.isinf(u) else int(u)} | "
                          f"{'not within the run' if math.isinf(p) else int(p)} | {bound}{r:.1f}x |")
         lines.append(f"| median | | | {_fmt(a['median_speedup'])}x |")
     lines += ["", "Goals:", ""] + [f"* {Goal(**g).line()}" for g in report["goals"]]
