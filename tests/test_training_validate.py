@@ -165,3 +165,17 @@ def test_pose_dataset_is_validated_with_its_own_condition(base, tmp_path, capsys
     assert code == 1 and "Traceback" not in err
     assert "'flat'" in err and "[frames, height, width, 3]" in err
     assert "'empty'" in err and "no frame images" in err
+
+
+def test_threads_option_sets_torch_threads(base, tmp_path, capsys):
+    """`--threads N` (before the command) sets torch's CPU threads for the whole run."""
+    base_path, _ = base
+    (tmp_path / "metadata.jsonl").write_text("")
+    before = torch.get_num_threads()
+    wanted = 3 if before != 3 else 2
+    try:
+        training_main(["--threads", str(wanted), "validate", "--dataset", str(tmp_path),
+                       "--base-model", str(base_path)])
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)

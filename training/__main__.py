@@ -33,6 +33,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="torch CPU threads (default: $OMP_NUM_THREADS, else one per core). On a small CPU "
+                             "shared with another busy process use 1: two spinning OpenMP threads then run 2-2.4x "
+                             "slower than one (benchmarks/threads.py); alone, 2 threads are 1.3x faster than 1")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build-loras", aliases=["build"], help="train one LoRA per task group into a LoFA dataset")
     p.add_argument("--config")
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adaptation", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure fine-tuning from the LoFA prior vs the usual start (default: text prompts)")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     if args.command in ("build-loras", "build"):
         from .lora_builder import build_loras
