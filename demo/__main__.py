@@ -148,7 +148,8 @@ def train_on_suite(tiny_checkpoint: Path, workdir: Path, cached: bool = False) -
     else:
         print(f"training LoFA on the synthetic task suite (about 3 minutes, once; cached in {workdir}) ...",
               flush=True)
-    return run_suite(workdir, "sdxl", str(tiny_checkpoint), str(encoders), DEMO_TRAINING)
+    return run_suite(workdir, "sdxl", str(tiny_checkpoint), str(encoders), DEMO_TRAINING, ablation=False,
+                     adaptation=False)
 
 
 def main(argv: list[str] | None = None) -> int:
