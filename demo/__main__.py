@@ -146,7 +146,7 @@ def train_on_suite(tiny_checkpoint: Path, workdir: Path, cached: bool = False) -
         print(f"checking the LoFA training cached in {workdir} (it retrains only if its settings changed) ...",
               flush=True)
     else:
-        print(f"training LoFA on the synthetic task suite (about 3 minutes, once; cached in {workdir}) ...",
+        print(f"training LoFA on the synthetic task suite (once, 15-50 min on 2 cores; cached in {workdir}) ...",
               flush=True)
     return run_suite(workdir, "sdxl", str(tiny_checkpoint), str(encoders), DEMO_TRAINING, ablation=False,
                      adaptation=False)
