@@ -1,0 +1,35 @@
+"""The suite's step cache: a finished step is reused when its settings are unchanged (also settings holding
+tuples, which read back from JSON as lists), and redone from an empty folder when they change."""
+
+from __future__ import annotations
+
+from training.suite import _once, goals
+
+
+def test_finished_step_is_reused_with_the_same_settings(tmp_path):
+    calls = []
+
+    def make():
+        calls.append(1)
+        (tmp_path / "step" / "out.txt").write_text(str(len(calls)))
+
+    key = {"betas": (0.9, 0.95), "groups": ("attn",), "steps": 3}
+    _once(tmp_path / "step", tmp_path / "step" / "out.txt", key, make)
+    _once(tmp_path / "step", tmp_path / "step" / "out.txt", dict(key), make)
+    assert len(calls) == 1
+    (tmp_path / "step" / "extra.txt").write_text("left by the old settings")
+    _once(tmp_path / "step", tmp_path / "step" / "out.txt", {**key, "steps": 4}, make)
+    assert len(calls) == 2 and not (tmp_path / "step" / "extra.txt").exists()
+
+
+def test_retrieval_goal_counts_tasks_not_rounded_fractions():
+    s2 = {"retrieval_heldout": 0.8333, "tasks": 6.0, "gt_own_task_best": 1.0, "dw_cos_centered": 0.5,
+          "per_word_dw_cos_centered": 0.4, "gap_pred": 0.5, "gap_mean": 0.0, "gap_constant": 0.0, "gap_swap": 0.0,
+          "mean_lora_dw_cos": 0.1, "dw_cos": 0.6}
+    report = {"condition": "text", "data": {"shared_energy": 0.2}, "stage1": {"test": {"map_cos": 0.8,
+              "mean_map_cos": 0.7}}, "stage2": {"test": s2}}
+    (retrieval,) = [g for g in goals(report) if g.text.startswith("retrieval")]
+    assert retrieval.passed and retrieval.value == "5/6"
+    s2["retrieval_heldout"] = 0.6667
+    (retrieval,) = [g for g in goals(report) if g.text.startswith("retrieval")]
+    assert not retrieval.passed
