@@ -78,7 +78,8 @@ def test_a_cached_second_run_does_not_say_it_is_training(comfy, tmp_path, capsys
 
     calls = []
 
-    def suite_once(workdir: Path, family, base_model, text_encoder, overrides):
+    def suite_once(workdir: Path, family, base_model, text_encoder, overrides, **options):
+        assert options == {"ablation": False, "adaptation": False}, "the demo trains only what it uses"
         calls.append(overrides)
         out = workdir / "stage2" / "lofa.safetensors"
         if not out.exists():
