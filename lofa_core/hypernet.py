@@ -151,7 +151,7 @@ class _Trunk(nn.Module):
     def _per_block(self, ctx) -> list:
         return ctx if isinstance(ctx, list) else [ctx] * len(self.blocks)
 
-    def run_blocks(self, x: torch.Tensor, ctx, prior: torch.Tensor | None = None) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, ctx) -> torch.Tensor:
         """`ctx`: one context for all blocks, or a per-block list (see `prompt_cache`)."""
         for block, block_ctx in zip(self.blocks, self._per_block(ctx)):
             x = self._run_block(block, x, block_ctx)
@@ -238,6 +238,7 @@ class Stage2Net(_Trunk):
         nn.init.constant_(self.head_alpha.bias, softplus_inverse(cfg.alpha_init))
 
     def run_blocks(self, x: torch.Tensor, ctx, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage-II's trunk: after each listed block, a cross-attention to Stage-I's features `prior`."""
         for i, (block, block_ctx) in enumerate(zip(self.blocks, self._per_block(ctx))):
             x = self._run_block(block, x, block_ctx)
             inject = self.cross_attn_blocks[str(i)] if str(i) in self.cross_attn_blocks else None

@@ -343,10 +343,6 @@ class SdxlBase(BaseModel):
         return loss.mean() if reduce else loss
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in model.parameters())
-
-
 def load_target_weights(path: str | Path, catalog: TargetCatalog) -> dict[str, torch.Tensor]:
     """Only the target matrices of a base model file (float32), without building the model."""
     from safetensors import safe_open

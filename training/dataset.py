@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -402,7 +402,3 @@ def check_dataset(folder: str | Path, catalog: TargetCatalog, spec: ConditionSpe
     if not any(s.split == "train" for s in samples):
         raise DatasetError(f"{folder} has no sample with split 'train'.")
     return samples
-
-
-def groups_of(samples: Iterable[Sample]) -> list[str]:
-    return sorted({s.group or s.id for s in samples})
