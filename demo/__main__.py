@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         "LoFAModelLoader": {"lofa_name": models.lofa, "dtype": "float32"},
         "KSampler": {"steps": args.steps},
         "EmptyLatentImage": {"width": 256, "height": 256},
-        **({"5": {"text": prompt}} if prompt else {}),  # the LoFA prompt: a test task of the suite, in its words
+        # the LoFA prompt: a test task of the suite, in its words
+        **({node_feeding(graph, "LoFAPredictLoRA", "conditioning"): {"text": prompt}} if prompt else {}),
     })
     output = args.workdir / "output"
     print("starting ComfyUI headless (CPU) with the LoFA nodes ...", flush=True)
@@ -188,10 +189,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(entry["status"], indent=1)[:4000], file=sys.stderr)
         return 1
     outputs = entry["outputs"]
-    image = outputs["11"]["images"][0]
-    response = outputs["14"]["images"][0]
+    image = outputs[node_fed_by(graph, "SaveImage", "VAEDecode")]["images"][0]
+    response = outputs[node_fed_by(graph, "SaveImage", "LoFAResponsePreview")]["images"][0]
+    (lora_saver,) = [i for i, node in graph.items() if node["class_type"] == "LoFASaveLoRA"]
     print("\nLoFA demo finished:")
-    print(f"  LoRA file      {root / 'models' / 'loras' / outputs['12']['lofa_lora'][0]}")
+    print(f"  LoRA file      {root / 'models' / 'loras' / outputs[lora_saver]['lofa_lora'][0]}")
     print(f"  response map   {output / response['subfolder'] / response['filename']}")
     print(f"  sampled image  {output / image['subfolder'] / image['filename']}")
     if not models.trained:
@@ -200,6 +202,21 @@ def run(args: argparse.Namespace) -> int:
     elif models.report:
         print(held_out_summary(models.report, prompt))
     return 0
+
+
+def node_feeding(graph: dict, class_type: str, input_name: str) -> str:
+    """The id of the node connected to `input_name` of the (only) `class_type` node of an API-format graph."""
+    (node,) = [n for n in graph.values() if n["class_type"] == class_type]
+    return node["inputs"][input_name][0]
+
+
+def node_fed_by(graph: dict, class_type: str, source_type: str) -> str:
+    """The id of the `class_type` node whose first linked input comes from a `source_type` node."""
+    for node_id, node in graph.items():
+        links = [v for v in node["inputs"].values() if isinstance(v, list)]
+        if node["class_type"] == class_type and links and graph[links[0][0]]["class_type"] == source_type:
+            return node_id
+    raise LoFAError(f"the demo workflow has no {class_type} node fed by a {source_type} node")
 
 
 def held_out_prompt(report: dict) -> str:
