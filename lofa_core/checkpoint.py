@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .base_signature import BaseSignature
 from .conditioning import ConditionSpec
-from .config import HyperNetConfig
+from .config import DEFAULT_TAU, HyperNetConfig
 from .errors import CheckpointError
 from .fileio import save_safetensors
 from .hypernet import LoFAHypernet
@@ -64,7 +64,7 @@ def build_metadata(net: LoFAHypernet, catalog: TargetCatalog, condition: Conditi
 
 
 def save_checkpoint(path: str | os.PathLike, net: LoFAHypernet, catalog: TargetCatalog,
-                    condition: ConditionSpec, tau: float = 0.02, provenance: Mapping | None = None,
+                    condition: ConditionSpec, tau: float = DEFAULT_TAU, provenance: Mapping | None = None,
                     dtype: torch.dtype | None = None, overwrite: bool = False,
                     base_signature: BaseSignature | None = None) -> Path:
     """Write a checkpoint atomically; refuses to replace an existing file unless `overwrite`. `base_signature`

@@ -25,6 +25,10 @@ RESPONSE_SOFTPLUS_TAU = "softplus_tau"  # authors': logits = (softplus(B A) - ta
 RESPONSE_PATCH = "patch"
 
 
+# R = 1[|dW| / (|W| + RATIO_EPS) > tau]: the paper's 2 % threshold, the one default for every stage and file
+DEFAULT_TAU = 0.02
+RATIO_EPS = 1e-8
+
 @dataclass(frozen=True)
 class HyperNetConfig:
     """Sizes and switches of one LoFA stage."""
@@ -52,7 +56,7 @@ class HyperNetConfig:
     qk_norm: bool = True
     use_cls: bool = True
     response: str = RESPONSE_SOFTPLUS_TAU  # Stage-I only
-    tau: float = 0.02
+    tau: float = DEFAULT_TAU
     temperature: float = 0.1
     cross_attn_idxs: tuple[int, ...] = ()  # Stage-II only: inject Stage-I features after these blocks
     alpha_init: float = 1e-3  # Stage-II only: alpha = softplus(bias) starts here

@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import save_checkpoint
 from .conditioning import WAN_TEXT
-from .config import HEAD_POOLED, RESPONSE_SOFTPLUS_TAU, HyperNetConfig
+from .config import DEFAULT_TAU, HEAD_POOLED, RESPONSE_SOFTPLUS_TAU, HyperNetConfig
 from .errors import CheckpointError
 from .families.wan import ATTENTION_TYPES
 from .file_hash import sha256_file
@@ -34,7 +34,7 @@ from .targets import TargetCatalog, build_catalog
 
 PREFIXES = ("module.", "_orig_mod.")
 NESTED = ("state_dict", "model", "module")
-DEFAULT_TAU, DEFAULT_TEMPERATURE = 0.02, 0.1
+DEFAULT_TEMPERATURE = 0.1
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _INJECT = re.compile(r"^cross_attn_blocks\.(\d+)\.")
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .condition_encoders import ImageProjector, MixedImageProjector, PoseEncoder
-from .config import HEAD_AXIAL, RESPONSE_PATCH, HyperNetConfig
+from .config import HEAD_AXIAL, RATIO_EPS, RESPONSE_PATCH, HyperNetConfig
 from .layers import (
     ConditionalBlock,
     Context,
@@ -28,7 +28,6 @@ from .layers import (
 )
 
 COLUMN_RMS_EPS = 1e-6
-RATIO_EPS = 1e-8  # as in the ground truth's |dW| / (|W| + eps)
 
 
 def normalise_columns(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

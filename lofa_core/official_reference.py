@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from .config import DEFAULT_TAU
+
 Tensor = torch.Tensor
 StateDict = Mapping[str, Tensor]
 
@@ -116,7 +118,7 @@ def rank_of(sd: StateDict) -> int:
     return sd["head_A.weight"].shape[0] // in_f
 
 
-def stage1_forward(sd: StateDict, w: Tensor, depth: Tensor, type_id: Tensor, text: Tensor, tau: float = 0.02,
+def stage1_forward(sd: StateDict, w: Tensor, depth: Tensor, type_id: Tensor, text: Tensor, tau: float = DEFAULT_TAU,
                    temperature: float = 0.1) -> tuple[Tensor, Tensor]:
     """-> (Stage-I features [BL, 1+N, D], response logits [BL, out, in]). `text` is [BL, 512, 4096]."""
     tokens = _trunk(sd, w, depth, type_id, text, heads_of(sd), None)

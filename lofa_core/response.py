@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DEFAULT_TAU = 0.02
-RATIO_EPS = 1e-8
+from .config import DEFAULT_TAU, RATIO_EPS
+
 PREVIEW_SIDE = 64
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lofa_core.config import HyperNetConfig
+from lofa_core.config import DEFAULT_TAU, HyperNetConfig
 
 
 @dataclass
@@ -56,7 +56,7 @@ class RunConfig:
     eval_every: int = 500  # evaluate the val tasks every this many steps (val and test after the last step)
     eval_samples: int = 64  # at most this many tasks per split in an evaluation (and training tasks for retrieval)
     log_every: int = 10
-    tau: float = 0.02  # response threshold: R = 1[|dW| > tau |W|] (the paper's 2 %)
+    tau: float = DEFAULT_TAU  # response threshold: R = 1[|dW| > tau |W|] (the paper's 2 %)
     # if set, tau is instead chosen so that this share of the training LoRAs' weights respond (the paper's LoRAs
     # change 20-50 % of weights by more than 2 %; LoRAs of another scale need another tau for the same sparsity)
     response_fraction: float | None = None

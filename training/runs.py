@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from lofa_core import base_signature
 from lofa_core.checkpoint import LoFACheckpoint, load_checkpoint, save_checkpoint
 from lofa_core.conditioning import DEFAULT_FOR_FAMILY, ConditionSpec, image_spec, pose_spec
+from lofa_core.config import RATIO_EPS
 from lofa_core.hypernet import LoFAHypernet, Stage1Net, Stage2Net
-from lofa_core.response import RATIO_EPS
 from lofa_core.targets import TargetCatalog, build_catalog, check_compatible, strip_model_prefix
 
 from .base_models import BaseModel, load_base_model, load_target_weights
