@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..lofa_core.response import render_grid
+from .response_grid import render_grid
 
 CATEGORY = "LoFA"
 LABEL_WIDTH = 28
