@@ -8,7 +8,7 @@ S LoRAs and a batch of S*k inputs, each consecutive group of k inputs gets its s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -34,24 +34,14 @@ def _hook(factors: Factors):
 @contextmanager
 def inject(modules: Mapping[str, nn.Module], factors: Mapping[str, Factors]) -> Iterator[None]:
     """Add per-sample LoRA updates to `modules[path]` for every path in `factors` inside the block."""
-    missing = [p for p in factors if p not in modules]
-    if missing:
-        raise KeyError(f"no base-model module for LoRA targets {missing[:3]}")
-    handles = [modules[path].register_forward_hook(_hook(f)) for path, f in factors.items()]
-    try:
+    with _forward_hooks(modules, {path: _hook(f) for path, f in factors.items()}):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
 def inject_deltas(modules: Mapping[str, nn.Module], deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Add one dense update dW [out, in] to `modules[path]` for the whole batch inside the block (for LoRAs
     that are not low rank, such as averages of LoRAs)."""
-    missing = [p for p in deltas if p not in modules]
-    if missing:
-        raise KeyError(f"no base-model module for LoRA targets {missing[:3]}")
 
     def hook(delta: torch.Tensor):
         def add(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -59,7 +49,17 @@ def inject_deltas(modules: Mapping[str, nn.Module], deltas: Mapping[str, torch.T
 
         return add
 
-    handles = [modules[p].register_forward_hook(hook(d)) for p, d in deltas.items()]
+    with _forward_hooks(modules, {path: hook(d) for path, d in deltas.items()}):
+        yield
+
+
+@contextmanager
+def _forward_hooks(modules: Mapping[str, nn.Module], hooks: Mapping[str, Callable]) -> Iterator[None]:
+    """`hooks[path]` on `modules[path]` as forward hooks inside the block; every target must exist."""
+    missing = [p for p in hooks if p not in modules]
+    if missing:
+        raise KeyError(f"no base-model module for LoRA targets {missing[:3]}")
+    handles = [modules[path].register_forward_hook(h) for path, h in hooks.items()]
     try:
         yield
     finally:
