@@ -227,3 +227,18 @@ def test_sdxl_cross_attention_shares_each_captions_keys_exactly(comfy, tmp_path)
         stock = base.diffusion_loss(latents, shared.tokens, shared.pooled, torch.Generator().manual_seed(0),
                                     reduce=False)  # plain tensors: one caption per row, diffusers' processor
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
+
+
+def test_inject_deltas_adds_the_dense_update_exactly_and_only_inside_the_block():
+    from torch import nn
+
+    from training.injection import inject_deltas
+
+    layer, x, delta = nn.Linear(4, 3), torch.randn(2, 4), torch.randn(3, 4)
+    plain = layer(x)
+    with inject_deltas({"a": layer}, {"a": delta}):
+        patched = layer(x)
+    assert torch.allclose(patched, plain + x @ delta.T) and torch.equal(layer(x), plain)
+    with pytest.raises(KeyError, match="no base-model module for LoRA targets"):
+        with inject_deltas({"a": layer}, {"b": delta}):
+            pass
