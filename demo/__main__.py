@@ -29,7 +29,7 @@ TINY_CKPT = "lofa_demo_tiny_sdxl.safetensors"
 TRAINED_BASE = "lofa_demo_tiny_sdxl_domain.safetensors"  # the tiny SDXL after the suite taught it the domain
 UNTRAINED = "lofa_demo_untrained.safetensors"
 TRAINED = "lofa_demo_suite.safetensors"
-# The SDXL suite, shortened so the one-off training takes minutes on 2 CPU cores (without the ablation and
+# The SDXL suite, shortened for a one-off training on 2 CPU cores (15-50 minutes; without the ablation and
 # fine-tuning measurements, which the text suite makes).
 DEMO_TRAINING = ["build.steps=200", "stage1.steps=800", "stage1.eval_every=800", "stage2.steps=600",
                  "stage2.batch_size=2", "stage2.eval_every=600"]
