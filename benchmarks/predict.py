@@ -30,13 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lofa_core import official_reference as ref  # noqa: E402
 from lofa_core.checkpoint import LoFACheckpoint  # noqa: E402
-from lofa_core.conditioning import SDXL_TEXT, WAN_TEXT, prepare_condition  # noqa: E402
+from lofa_core.conditioning import prepare_condition  # noqa: E402
 from lofa_core.config import HEAD_POOLED, RESPONSE_SOFTPLUS_TAU, HyperNetConfig  # noqa: E402
 from lofa_core.convert_official import official_catalog  # noqa: E402
 from lofa_core.factory import new_hypernet, randomise_lora_heads_  # noqa: E402
+from lofa_core.families import build_catalog  # noqa: E402
+from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT  # noqa: E402
+from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT  # noqa: E402
 from lofa_core.hypernet import LoFAHypernet  # noqa: E402
 from lofa_core.predict import predict, shape_groups  # noqa: E402
-from lofa_core.targets import build_catalog  # noqa: E402
 
 RELEASED = dict(d_model=768, n_heads=12, n_blocks=8, patch_size=96, rank=32, context_dim=4096, num_depths=30,
                 num_types=8, max_rows=16, max_cols=16, head=HEAD_POOLED, head_shape=(1536, 1536),

@@ -48,8 +48,9 @@ def worker(threads: int, workdir: Path, steps: int) -> dict:
         with inject(base.modules, factors):
             base.diffusion_loss(latents, captions, None, gen).backward()
 
-    from lofa_core.conditioning import WAN_TEXT, prepare_condition
+    from lofa_core.conditioning import prepare_condition
     from lofa_core.factory import new_hypernet
+    from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
     from lofa_core.predict import encode_prompt
 
     net = new_hypernet(base.catalog, WAN_TEXT, d_model=128, n_heads=4, n_blocks=2, patch_size=16, rank=4).stage1

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ModelFamilyError
+from .families import get_family
 from .targets import Target, TargetCatalog
 
 VERSION = 1
@@ -45,10 +47,15 @@ class BaseSignature:
 
 
 def signature_targets(catalog: TargetCatalog) -> list[Target]:
-    """First, middle and last depth; the first type (a self-attention query) and the sixth (a cross-attention key
-    in WAN and SDXL), where the catalog has them."""
+    """First, middle and last depth; the family's signature types (a self-attention query and a cross-attention
+    key) where the catalog has them, else its first and sixth type."""
     depths = {0, catalog.num_depths // 2, catalog.num_depths - 1}
-    types = {0, min(5, len(catalog.type_names) - 1)}
+    try:
+        names = get_family(catalog.family).signature_types
+    except ModelFamilyError:
+        names = ()
+    types = {catalog.type_names.index(n) for n in names if n in catalog.type_names}
+    types = types or {0, min(5, len(catalog.type_names) - 1)}
     return [t for t in catalog.targets if t.depth in depths and t.type_index in types]
 
 

@@ -76,12 +76,6 @@ class ConditionSpec:
         return f"a text condition ({self.encoder})"
 
 
-WAN_TEXT = ConditionSpec()
-SDXL_TEXT = ConditionSpec(token_dim=2048, length=None, strip_zero_padding=False, pooled_dim=1280,
-                          encoder="SDXL CLIP-L + CLIP-G text encoders")
-DEFAULT_FOR_FAMILY = {"wan2.1-t2v": WAN_TEXT, "sdxl": SDXL_TEXT}
-
-
 def image_spec(width: int, feature: str = "penultimate_hidden_states", name: str | None = None,
                second_dim: int = 0, second_name: str | None = None) -> ConditionSpec:
     """Spec of an image condition read from CLIP_VISION_OUTPUT.`feature` (`width` wide), optionally mixed with

@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_checkpoint
-from .conditioning import WAN_TEXT
 from .config import DEFAULT_TAU, HEAD_POOLED, RESPONSE_SOFTPLUS_TAU, HyperNetConfig
 from .errors import CheckpointError
+from .families import build_catalog, wan
 from .families.wan import ATTENTION_TYPES
 from .file_hash import sha256_file
 from .fileio import load_torch_weights_only
 from .hypernet import LoFAHypernet
-from .targets import TargetCatalog, build_catalog
+from .targets import TargetCatalog
 
 PREFIXES = ("module.", "_orig_mod.")
 NESTED = ("state_dict", "model", "module")
@@ -165,7 +165,7 @@ def convert(stage1: str | Path, stage2: str | Path, out: str | Path, config: str
         "stage1_file": names[0], "stage2_file": names[1], "source_dtype": str(source_dtype).replace("torch.", ""),
         "stage1_sha256": sha256_file(stage1), "stage2_sha256": sha256_file(stage2),
     }
-    condition = dataclasses.replace(WAN_TEXT, token_dim=cfg1.context_dim)
+    condition = dataclasses.replace(wan.TEXT_CONDITION, token_dim=cfg1.context_dim)
     return save_checkpoint(out, shell, official_catalog(cfg1), condition, tau=tau, provenance=provenance,
                            dtype=target_dtype, overwrite=overwrite)
 

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoRAFormatError
-from .families import wan
-from .targets import COMFY_PREFIX, strip_model_prefix
-
-STYLE_COMFYUI = "comfyui"  # diffusion_model.<path>.lora_up.weight (ComfyUI LoraSave / TrainLoraNode)
-STYLE_KOHYA = "kohya"  # lora_unet_<path_with_underscores>.lora_up.weight (also loads on 2024 ComfyUI)
+from .families import FAMILIES
+from .lora_keys import STYLE_COMFYUI, lora_base_name
+from .targets import strip_model_prefix
 
 # (up suffix, down suffix) pairs in the order ComfyUI checks them.
 _PAIR_SUFFIXES = (
@@ -112,14 +110,6 @@ def to_state_dict(lora: PredictedLoRA, style: str = STYLE_COMFYUI,
     return out
 
 
-def lora_base_name(path: str, style: str) -> str:
-    if style == STYLE_COMFYUI:
-        return COMFY_PREFIX + path
-    if style == STYLE_KOHYA:
-        return "lora_unet_" + path.replace(".", "_")
-    raise ValueError(f"unknown LoRA key style {style!r}; use '{STYLE_COMFYUI}' or '{STYLE_KOHYA}'")
-
-
 def read_lora_state_dict(sd: Mapping[str, torch.Tensor], module_paths: Iterable[str] | None,
                          source: str = "the LoRA") -> tuple[dict[str, LoRAFactors], list[str]]:
     """Parse a LoRA state dict in any common naming into factors keyed by this model's module paths.
@@ -176,8 +166,11 @@ def _resolve_path(base: str, known: set[str] | None, by_kohya: Mapping[str, str]
         return rel
     if rel in known:
         return rel
-    converted = wan.diffusers_to_comfy_path(rel)
-    return converted if converted in known else None
+    for family in FAMILIES:  # other tools' names for the same module (diffusers WAN: attn1.to_q)
+        converted = family.to_module_path(rel)
+        if converted in known:
+            return converted
+    return None
 
 
 def check_lora_shapes(factors: Mapping[str, LoRAFactors], shapes: Mapping[str, tuple[int, int]],
@@ -216,7 +209,3 @@ def check_fits_dtype(factors: Mapping[str, LoRAFactors], dtype: torch.dtype, sou
                                       f"{str(dtype).removeprefix('torch.')}'s range (+-{limit:.6g}); {fix}.")
         if abs(f.scale * f.rank) > alpha_limit:
             raise LoRAFormatError(f"{source}: the alpha of '{path}' ({f.scale * f.rank:.3g}) does not fit float32.")
-
-
-def looks_like_sdxl(paths: Iterable[str]) -> bool:
-    return any(p.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for p in paths)

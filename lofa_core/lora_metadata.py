@@ -7,12 +7,8 @@ import datetime
 from collections.abc import Mapping
 
 from . import __version__
+from .families import get_family
 
-# family -> (modelspec architecture, reference implementation)
-_ARCHITECTURES = {
-    "wan2.1-t2v": ("wan2.1/lora", "https://github.com/Wan-Video/Wan2.1"),
-    "sdxl": ("stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),
-}
 STRENGTH_HINT = "1.0"  # strength 1 applies exactly the predicted update
 
 
@@ -27,10 +23,8 @@ def prediction_metadata(*, checkpoint: str, checkpoint_sha256: str, base_model: 
 def file_metadata(prediction: Mapping[str, str], *, family: str, rank: int, key_style: str,
                   title: str) -> dict[str, str]:
     """All string metadata of a saved LoRA file (`prediction` may be empty: a LORA_MODEL from another node)."""
-    architecture, implementation = _ARCHITECTURES[family]
     base = prediction.get("lofa.base_model", "")
-    if family == "wan2.1-t2v" and "WAN 2.2" in base:
-        architecture, implementation = "wan2.2/lora", "https://github.com/Wan-Video/Wan2.2"
+    architecture, implementation = get_family(family).modelspec(base)
     if prediction:
         description = (f"Predicted in one forward pass by the LoFA checkpoint {prediction['lofa.checkpoint']} from a "
                        f"{prediction['lofa.prompt_kind']} prompt, for {base}. Use at strength "

@@ -104,29 +104,8 @@ def strip_model_prefix(key: str) -> str:
     return key
 
 
-def _relative_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+def relative_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
     return {strip_model_prefix(k): tuple(int(s) for s in v) for k, v in shapes.items()}
-
-
-def build_catalog(shapes: Mapping[str, Sequence[int]], groups: Sequence[str] = (GROUP_ATTENTION,)) -> TargetCatalog:
-    """Detect the model family from state-dict shapes and list its LoRA targets.
-
-    `shapes` maps state-dict keys (with or without `diffusion_model.` / `model.diffusion_model.`) to
-    shapes. `groups` selects target groups: "attn" (default, what LoFA is trained on) and "ffn" (opt-in).
-    """
-    from .families import sdxl, wan  # local import: families import this module
-
-    unknown = [g for g in groups if g not in TARGET_GROUPS]
-    if unknown or not groups:
-        raise ValueError(f"unknown target group(s) {unknown or list(groups)}; choose from {list(TARGET_GROUPS)}")
-    rel = _relative_shapes(shapes)
-    for family in (wan, sdxl):
-        if family.matches(rel):
-            return family.build(rel, tuple(groups))
-    raise ModelFamilyError(
-        f"LoFA supports WAN 2.1 text-to-video and SDXL base models, but this model looks like "
-        f"{describe_unknown_model(rel)}. Load a WAN 2.1 T2V or SDXL model for LoFA."
-    )
 
 
 def describe_unknown_model(rel: Mapping[str, tuple[int, ...]]) -> str:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from ..lofa_core import base_signature
 from ..lofa_core.errors import ConditionError, LoFAError, ModelFamilyError
+from ..lofa_core.families import build_catalog
 from ..lofa_core.file_hash import sha256_file
 from ..lofa_core.lora_formats import PredictedLoRA, to_lora_model
 from ..lofa_core.lora_metadata import prediction_metadata
 from ..lofa_core.predict import predict, shape_groups, truncate_rank
-from ..lofa_core.targets import build_catalog, check_compatible, select_targets
+from ..lofa_core.targets import check_compatible, select_targets
 from . import prediction_cache
 from .comfy_compat import Progress, base_weight, intermediate_device, log, model_file_name, model_weight_shapes
 from .conditions import LoFACondition, from_conditioning

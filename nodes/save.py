@@ -12,18 +12,17 @@ import folder_paths
 import torch
 
 from ..lofa_core.errors import LoRAFormatError
+from ..lofa_core.families import family_of_module_paths
 from ..lofa_core.fileio import save_numbered
 from ..lofa_core.lora_formats import (
-    STYLE_COMFYUI,
-    STYLE_KOHYA,
     PredictedLoRA,
     check_finite,
     check_fits_dtype,
     fold_scale,
-    looks_like_sdxl,
     read_lora_state_dict,
     to_file_state_dict,
 )
+from ..lofa_core.lora_keys import STYLE_COMFYUI, STYLE_KOHYA
 from ..lofa_core.lora_metadata import file_metadata
 from .comfy_compat import log
 
@@ -64,13 +63,12 @@ class LoFASaveLoRA:
         check_finite(factors, "the LORA_MODEL")
         check_fits_dtype({p: fold_scale(f) for p, f in factors.items()}, DTYPES[dtype], "the LORA_MODEL",
                          "save it as bfloat16 or float32 (dtype input)")  # the stored factors hold the scale
-        paths = list(factors)
-        family = "sdxl" if looks_like_sdxl(paths) else "wan2.1-t2v"
-        style = key_style if key_style != "auto" else (STYLE_KOHYA if family == "sdxl" else STYLE_COMFYUI)
-        tensors = to_file_state_dict(PredictedLoRA(family, factors), style, DTYPES[dtype])
+        family = family_of_module_paths(factors)
+        style = key_style if key_style != "auto" else family.lora_key_style
+        tensors = to_file_state_dict(PredictedLoRA(family.name, factors), style, DTYPES[dtype])
         prefix = filename_prefix.strip() or "LoFA/lofa"
         rank = next(iter(factors.values())).rank
-        metadata = file_metadata(getattr(lora, "metadata", {}), family=family, rank=rank, key_style=style,
+        metadata = file_metadata(getattr(lora, "metadata", {}), family=family.name, rank=rank, key_style=style,
                                  title=os.path.basename(prefix))
         root = folder_paths.get_folder_paths("loras")[0]
         path = save_numbered(tensors, root, prefix, metadata, label="models/loras", suffix=STEPS_SUFFIX)

@@ -16,9 +16,9 @@ from test_wan import wan_conditioning
 from demo import tiny_wan
 from lofa_core import base_signature
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
-from lofa_core.conditioning import WAN_TEXT
 from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
-from lofa_core.targets import build_catalog
+from lofa_core.families import build_catalog
+from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 
 TRAINED_ON = "wan2.1_t2v_14B_bf16.safetensors (WAN 2.1 T2V 14B)"
 

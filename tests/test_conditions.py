@@ -10,8 +10,6 @@ from test_comfy_sdxl import sdxl_conditioning
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
 from lofa_core.condition_encoders import MixedImageProjector
 from lofa_core.conditioning import (
-    SDXL_TEXT,
-    WAN_TEXT,
     image_spec,
     pose_spec,
     prepare_any,
@@ -20,8 +18,10 @@ from lofa_core.conditioning import (
 )
 from lofa_core.errors import CheckpointError, ConditionError
 from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.families import build_catalog
+from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
+from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.predict import predict
-from lofa_core.targets import build_catalog
 
 
 def test_pose_frames_any_count_and_size_are_resampled_and_letterboxed():

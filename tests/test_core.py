@@ -10,19 +10,20 @@ from safetensors.torch import load_file, save_file
 
 from lofa_core import fileio
 from lofa_core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from lofa_core.conditioning import SDXL_TEXT, WAN_TEXT, prepare_condition
+from lofa_core.conditioning import prepare_condition
 from lofa_core.config import HEAD_POOLED, HyperNetConfig, axial_config_for
 from lofa_core.errors import CheckpointError, ConditionError, LoRAFormatError
 from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
+from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.hypernet import LoFAHypernet, normalise_columns
 from lofa_core.lora_formats import (
-    STYLE_COMFYUI,
-    STYLE_KOHYA,
     LoRAFactors,
     PredictedLoRA,
     read_lora_state_dict,
     to_state_dict,
 )
+from lofa_core.lora_keys import STYLE_COMFYUI, STYLE_KOHYA
 from lofa_core.predict import predict, truncate_rank
 from lofa_core.response import cosine_similarity, iou, lora_delta, response_map
 from lofa_core.targets import Target, TargetCatalog

@@ -26,10 +26,12 @@ from test_official import TINY_WAN_RELEASE, write_release
 from demo import runtime, tiny_wan
 from lofa_core import base_signature
 from lofa_core.checkpoint import save_checkpoint
-from lofa_core.conditioning import WAN_TEXT, image_spec, pose_spec
+from lofa_core.conditioning import image_spec, pose_spec
 from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.families import build_catalog
+from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.lora_formats import read_lora_state_dict
-from lofa_core.targets import build_catalog, strip_model_prefix
+from lofa_core.targets import strip_model_prefix
 
 pytestmark = pytest.mark.headless
 WORKFLOWS = runtime.WORKFLOWS

@@ -10,10 +10,10 @@ from test_wan import wan_checkpoint, wan_conditioning
 
 from demo import tiny_wan
 from lofa_core.checkpoint import save_checkpoint
-from lofa_core.conditioning import SDXL_TEXT
 from lofa_core.errors import ModelFamilyError
 from lofa_core.factory import new_hypernet
-from lofa_core.targets import build_catalog
+from lofa_core.families import build_catalog
+from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
 
 
 def errors(comfy):

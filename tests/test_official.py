@@ -20,9 +20,10 @@ from lofa_core.checkpoint import load_checkpoint
 from lofa_core.conditioning import prepare_condition
 from lofa_core.convert_official import convert, infer_config, load_official_state_dict, main, official_catalog
 from lofa_core.errors import CheckpointError, ModelFamilyError
+from lofa_core.families import build_catalog
 from lofa_core.layers import softplus_inverse
 from lofa_core.predict import predict
-from lofa_core.targets import build_catalog, check_compatible
+from lofa_core.targets import check_compatible
 
 DATA = Path(__file__).parent / "data"
 SMALL = dict(d=64, heads=4, blocks=4, patch=16, size=64, rank=4, ctx=48, depths=3, inject=(1, 3))

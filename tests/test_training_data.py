@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from demo import tiny_wan
-from lofa_core.conditioning import SDXL_TEXT, WAN_TEXT, prepare_condition
+from lofa_core.conditioning import prepare_condition
+from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
+from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.families.wan import comfy_to_diffusers_key
 from training.base_models import load_base_model, load_state_dict
 from training.conditions import SDXLClipTextEncoder

@@ -9,11 +9,12 @@ from safetensors.torch import load_file
 
 from demo import tiny_wan
 from lofa_core.checkpoint import save_checkpoint
-from lofa_core.conditioning import WAN_TEXT
 from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.families import build_catalog
 from lofa_core.families.wan import ATTENTION_TYPES, comfy_to_diffusers_key, diffusers_to_comfy_key
+from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.lora_formats import read_lora_state_dict
-from lofa_core.targets import GROUP_ATTENTION, GROUP_FFN, build_catalog
+from lofa_core.targets import GROUP_ATTENTION, GROUP_FFN
 
 OFFICIAL = {"1.3B": dict(dim=1536, heads=12, ffn_dim=8960, num_layers=30),
             "14B": dict(dim=5120, heads=40, ffn_dim=13824, num_layers=40)}

@@ -8,7 +8,7 @@
     python -m training stage2 --config stage2.yaml [--resume [CHECKPOINT]] [--set key=value ...]
     python -m training stage2 --single-stage --config stage2.yaml   # the "w/o res." ablation: no Stage-I
     python -m training export --stage1 RUN_OR_FILE --stage2 RUN --out lofa.safetensors
-    python -m training suite --workdir DIR [--family wan|sdxl]   # the tiny synthetic end-to-end suite
+    python -m training suite --workdir DIR [--family wan2.1-t2v|sdxl]   # the tiny synthetic end-to-end suite
 
 Multi-GPU / multi-node: `accelerate launch --multi_gpu --num_processes N -m training stage1 --config ...`.
 """
@@ -19,6 +19,8 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+
+from lofa_core.families import family_names, get_family, wan
 
 from .config import BuildConfig, EncodeConfig, Stage1Config, Stage2Config, load_config
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-encoder", help="for image conditions: a CLIP vision model folder")
     p.add_argument("--image-encoder-2", help="for models mixing two image features: the second CLIP vision model "
                    "folder (encodes each condition's image_2, or its image)")
-    p.add_argument("--family", default="wan2.1-t2v", choices=["wan2.1-t2v", "sdxl"])
+    p.add_argument("--family", default=wan.NAME, choices=family_names(), help="base-model family of the prompts")
     p = sub.add_parser("validate", help="check a dataset against a base model and list every problem")
     p.add_argument("--dataset", required=True)
     p.add_argument("--base-model", required=True)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p = sub.add_parser("suite", help="the tiny synthetic task suite, end to end")
     p.add_argument("--workdir", default="runs/suite")
-    p.add_argument("--family", default="wan", choices=["wan", "sdxl"])
+    p.add_argument("--family", default=wan.NAME, choices=family_names())
     p.add_argument("--base-model", help="SDXL only: the tiny SDXL file to train on")
     p.add_argument("--text-encoder", help="SDXL only: folder with clip_l/ and clip_g/")
     p.add_argument("--condition", default="text", choices=["text", "image", "pose", "image-mix"],
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "encode":
         from .conditions import CLIPVisionFeatures, encode_dataset, load_text_encoder
 
-        cfg = EncodeConfig(dataset=args.dataset, text_encoder=args.text_encoder or "", family=args.family)
+        cfg = EncodeConfig(dataset=args.dataset, text_encoder=args.text_encoder or "",
+                           family=get_family(args.family).name)
         text = load_text_encoder(cfg.text_encoder, cfg.family) if cfg.text_encoder else None
         images = [CLIPVisionFeatures(f) if f else None for f in (args.image_encoder, args.image_encoder_2)]
         changed = encode_dataset(cfg.dataset, text, *images)
@@ -128,12 +131,11 @@ def _validate(args) -> int:
     (text, image or pose, with the run settings), captions and latents; every problem printed, no traceback."""
     from safetensors import SafetensorError
 
-    from lofa_core.conditioning import DEFAULT_FOR_FAMILY
     from lofa_core.errors import LoFAError
 
     from .config import RunConfig
     from .dataset import DatasetError, check_dataset, read_samples
-    from .runs import base_catalog, dataset_spec, latent_channels
+    from .runs import base_catalog, dataset_spec
 
     cfg = load_config(RunConfig, None, args.set)
     cfg.dataset, cfg.base_model = args.dataset, args.base_model
@@ -145,8 +147,8 @@ def _validate(args) -> int:
     try:
         spec = dataset_spec(cfg, read_samples(args.dataset), catalog.family)
         samples = check_dataset(args.dataset, catalog, spec, need_latents=args.latents,
-                                latent_channels=latent_channels(shapes, catalog.family),
-                                caption_spec=DEFAULT_FOR_FAMILY[catalog.family])
+                                latent_channels=get_family(catalog.family).latent_channels(shapes),
+                                caption_spec=get_family(catalog.family).text_condition)
     except DatasetError as err:
         print(err, file=sys.stderr)
         return 1

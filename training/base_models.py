@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from lofa_core.families import build_catalog, sdxl, wan
 from lofa_core.families.wan import comfy_to_diffusers_key, diffusers_to_comfy_key
-from lofa_core.targets import TargetCatalog, build_catalog, strip_model_prefix
+from lofa_core.targets import TargetCatalog, strip_model_prefix
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -94,9 +95,7 @@ def load_base_model(path: str | Path, groups: Sequence[str] = ("attn",)) -> Base
     """Detect the family of a base model file and load it frozen, float32, on the CPU."""
     sd = load_state_dict(path)
     catalog = build_catalog({k: tuple(v.shape) for k, v in sd.items()}, groups)
-    if catalog.family == "wan2.1-t2v":
-        return WanBase(sd, catalog)
-    return SdxlBase(sd, catalog)
+    return BASE_MODEL_CLASSES[catalog.family](sd, catalog)
 
 
 # ---------------------------------------------------------------------------------------------- WAN 2.1
@@ -181,7 +180,7 @@ class CollapsedPaddingCrossAttention:
 
 
 class WanBase(BaseModel):
-    family = "wan2.1-t2v"
+    family = wan.NAME
 
     def __init__(self, sd: Mapping[str, torch.Tensor], catalog: TargetCatalog, shift: float = 5.0) -> None:
         from diffusers import WanTransformer3DModel
@@ -292,7 +291,7 @@ def sdxl_unet_config(sd: Mapping[str, torch.Tensor]) -> dict:
 
 
 class SdxlBase(BaseModel):
-    family = "sdxl"
+    family = sdxl.NAME
     TIME_IDS = (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0)  # original size, crop, target size (SDXL defaults)
 
     def __init__(self, sd: Mapping[str, torch.Tensor], catalog: TargetCatalog) -> None:
@@ -358,3 +357,7 @@ def load_target_weights(path: str | Path, catalog: TargetCatalog) -> dict[str, t
     if missing:
         raise KeyError(f"{Path(path).name} lacks target weights {missing[:3]}")
     return out
+
+
+# family name -> the diffusers model that trains LoRAs on it (a new family needs one here to be trained)
+BASE_MODEL_CLASSES: dict[str, type[BaseModel]] = {WanBase.family: WanBase, SdxlBase.family: SdxlBase}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lofa_core.families import sdxl, wan
 from lofa_core.fileio import publish_new_file, save_safetensors
 
 from .dataset import metadata_path, read_records
@@ -149,9 +150,7 @@ def encode_images(encoder: CLIPVisionFeatures, paths: Iterable[Path], cache_dir:
 
 
 def load_text_encoder(folder: str | Path, family: str, device: str | torch.device = "cpu"):
-    if family == "sdxl":
-        return SDXLClipTextEncoder(folder, device)
-    return UMT5TextEncoder(folder, device)
+    return {wan.NAME: UMT5TextEncoder, sdxl.NAME: SDXLClipTextEncoder}[family](folder, device)
 
 
 def cache_name(encoder_name: str, prompt: str) -> str:

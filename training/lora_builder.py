@@ -22,9 +22,11 @@ import torch
 from tqdm import tqdm
 
 from lofa_core.checkpoint import load_checkpoint
-from lofa_core.conditioning import DEFAULT_FOR_FAMILY, prepare_condition
+from lofa_core.conditioning import prepare_condition
+from lofa_core.families import get_family
 from lofa_core.fileio import save_safetensors
-from lofa_core.lora_formats import STYLE_COMFYUI, LoRAFactors, PredictedLoRA, to_state_dict
+from lofa_core.lora_formats import LoRAFactors, PredictedLoRA, to_state_dict
+from lofa_core.lora_keys import STYLE_COMFYUI
 from lofa_core.predict import predict, truncate_rank
 from lofa_core.targets import check_compatible
 
@@ -66,7 +68,7 @@ def build_loras(cfg: BuildConfig) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_base_model(cfg.base_model, cfg.target_groups).to(device)
     base.shift = cfg.flow_shift
-    spec = DEFAULT_FOR_FAMILY[base.family]
+    spec = get_family(base.family).text_condition
     encoder = load_text_encoder(cfg.text_encoder, base.family, device)
     cond_files = encode_prompts(encoder, [t["prompt"] for t in tasks], out / "conditions")
     del encoder

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 from lofa_core import base_signature
 from lofa_core.checkpoint import LoFACheckpoint, load_checkpoint, save_checkpoint
-from lofa_core.conditioning import DEFAULT_FOR_FAMILY, ConditionSpec, image_spec, pose_spec
+from lofa_core.conditioning import ConditionSpec, image_spec, pose_spec
 from lofa_core.config import RATIO_EPS
+from lofa_core.families import build_catalog, get_family
 from lofa_core.hypernet import LoFAHypernet, Stage1Net, Stage2Net
-from lofa_core.targets import TargetCatalog, build_catalog, check_compatible, strip_model_prefix
+from lofa_core.targets import TargetCatalog, check_compatible, strip_model_prefix
 
 from .base_models import BaseModel, load_base_model, load_target_weights
 from .baselines import Baselines, build_baselines
@@ -34,11 +35,6 @@ def base_catalog(path: str | Path, groups) -> tuple[TargetCatalog, dict[str, tup
     with safe_open(str(path), framework="pt") as fh:
         shapes = {strip_model_prefix(k): tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     return build_catalog(shapes, groups), shapes
-
-
-def latent_channels(shapes: dict[str, tuple[int, ...]], family: str) -> int:
-    key = "patch_embedding.weight" if family == "wan2.1-t2v" else "input_blocks.0.0.weight"
-    return shapes[key][1]
 
 
 def dataset_spec(cfg: RunConfig, samples: list, family: str) -> ConditionSpec:
@@ -61,7 +57,7 @@ def dataset_spec(cfg: RunConfig, samples: list, family: str) -> ConditionSpec:
         second_dim = load_file(str(second))["image_embeds"].shape[-1] if second is not None else 0
         return image_spec(load_file(str(first))[cfg.image_feature].shape[-1], cfg.image_feature,
                           second_dim=second_dim)
-    return DEFAULT_FOR_FAMILY[family]
+    return get_family(family).text_condition
 
 
 class Data:
@@ -77,9 +73,9 @@ class Data:
             check_compatible(catalog, base_cat, "the Stage-I checkpoint")
         self.catalog = catalog or base_cat
         self.spec = spec or dataset_spec(cfg, read_samples(cfg.dataset), self.catalog.family)
-        caption_spec = DEFAULT_FOR_FAMILY[self.catalog.family]
+        caption_spec = get_family(self.catalog.family).text_condition
         samples = check_dataset(cfg.dataset, self.catalog, self.spec, need_latents=need_latents,
-                                latent_channels=latent_channels(shapes, self.catalog.family),
+                                latent_channels=get_family(self.catalog.family).latent_channels(shapes),
                                 caption_spec=caption_spec)
         self.store = SampleStore(cfg.dataset, samples, self.catalog, self.spec, caption_spec=caption_spec)
         self.train = self.store.split("train")

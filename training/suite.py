@@ -19,6 +19,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lofa_core.families import get_family, sdxl, wan
+
 from . import synthetic
 from .baselines import shared_energy
 from .config import BuildConfig, Stage1Config, Stage2Config, _build, to_dict
@@ -63,8 +65,8 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def suite_settings(overrides: list[str] | None, family: str = "wan") -> dict:
-    settings = _merge(DEFAULTS, SDXL_DEFAULTS) if family == "sdxl" else copy.deepcopy(DEFAULTS)
+def suite_settings(overrides: list[str] | None, family: str = wan.NAME) -> dict:
+    settings = _merge(DEFAULTS, SDXL_DEFAULTS) if get_family(family).name == sdxl.NAME else copy.deepcopy(DEFAULTS)
     for item in overrides or []:
         key, _, value = item.partition("=")
         *path, last = key.split(".")
@@ -107,7 +109,7 @@ class Goal:
         return f"{'PASS' if self.passed else 'FAIL'}  {self.text}: {self.value}"
 
 
-def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None, text_encoder: str | None = None,
+def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = None, text_encoder: str | None = None,
               overrides: list[str] | None = None, condition: str = "text", ablation: bool | None = None,
               adaptation: bool | None = None) -> dict:
     """`condition` "image" or "pose" trains on the same tasks told by a style image or pose frames; "image-mix"
@@ -115,17 +117,18 @@ def run_suite(workdir: Path, family: str = "wan", base_model: str | None = None,
     `adaptation` (default: for text) add the single-stage ablation and the fine-tuning measurement."""
     ablation = condition == "text" if ablation is None else ablation
     adaptation = condition == "text" if adaptation is None else adaptation
+    family = get_family(family).name
     settings = suite_settings(overrides, family)
     workdir.mkdir(parents=True, exist_ok=True)
-    if family == "wan":
+    if family == wan.NAME:
         raw_base = str(synthetic.make_tiny_wan(workdir / "base" / "tiny_wan.safetensors"))
         text_encoder = str(synthetic.make_tiny_umt5(workdir / "text_encoder"))
-        tasks = synthetic.make_tasks(workdir / "tasks", "wan2.1-t2v")
+        tasks = synthetic.make_tasks(workdir / "tasks", family)
     else:
         if not (base_model and text_encoder):
             raise SystemExit("the SDXL suite needs --base-model (a tiny SDXL file) and --text-encoder (clip_l/clip_g)")
         raw_base = base_model
-        tasks = synthetic.make_tasks(workdir / "tasks", "sdxl")
+        tasks = synthetic.make_tasks(workdir / "tasks", family)
     base_key = {"source": Path(raw_base).name, **settings["base"]}
     pretrained = workdir / "base_pretrained" / "base.safetensors"
     base_model = str(_once(pretrained.parent, pretrained, base_key, lambda: synthetic.pretrain_base(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lofa_core.families import get_family, wan
 from lofa_core.families.wan import diffusers_to_comfy_key
 from lofa_core.fileio import save_safetensors
 
@@ -70,13 +71,13 @@ def channel_weights(palette: str, channels: int) -> torch.Tensor:
 def make_latents(family: str, palette: str, pattern: str, third: int, count: int, seed: int) -> torch.Tensor:
     """[count, C, T, H, W] (WAN) or [count, C, H, W] (SDXL) latents of one task group."""
     gen = torch.Generator().manual_seed(seed)
-    weights = channel_weights(palette, 16 if family == "wan2.1-t2v" else 4)
+    weights = channel_weights(palette, 16 if family == wan.NAME else 4)
     out = []
     for _ in range(count):
         phase = PHASE_JITTER * (2 * float(torch.rand(1, generator=gen)) - 1)
         amp = 0.8 + 0.4 * float(torch.rand(1, generator=gen))
         base = _pattern(pattern, 8, phase)
-        if family == "wan2.1-t2v":
+        if family == wan.NAME:
             second = {0: base, 1: _pattern(pattern, 8, phase + math.pi / 2), 2: -base}[third]
             frames = torch.stack([base, second])  # [T=2, H, W]
             latent = amp * weights.view(-1, 1, 1, 1) * frames.unsqueeze(0)
@@ -92,7 +93,7 @@ def split_of(palette: str, pattern: str, third: int) -> str:
 
 
 def prompt_of(family: str, palette: str, pattern: str, third: int) -> str:
-    if family == "wan2.1-t2v":
+    if family == wan.NAME:
         return f"a {palette} {pattern} pattern that is {MOTIONS[third]}"
     return f"a {palette} {pattern} pattern , {INTENSITIES[third]}"
 
@@ -273,7 +274,7 @@ def pretrain_base(base_model: Path, tasks: Path, text_encoder: str, out: Path, s
     """
     from tqdm import tqdm
 
-    from lofa_core.conditioning import DEFAULT_FOR_FAMILY, prepare_condition
+    from lofa_core.conditioning import prepare_condition
 
     from .base_models import load_base_model, make_captions
     from .conditions import load_text_encoder
@@ -282,7 +283,7 @@ def pretrain_base(base_model: Path, tasks: Path, text_encoder: str, out: Path, s
 
     base = load_base_model(base_model)
     tokens, pooled = load_text_encoder(text_encoder, base.family).encode(GENERIC_CAPTION)
-    caption = prepare_condition(tokens, pooled, DEFAULT_FOR_FAMILY[base.family])
+    caption = prepare_condition(tokens, pooled, get_family(base.family).text_condition)
     pool = torch.cat([load_latents(tasks.parent / t["latents"]).float() for t in read_tasks(tasks)
                       if t.get("split", "train") == "train"])
     captions = make_captions([caption.tokens], None if caption.pooled is None else [caption.pooled],

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from ..conditioning import ConditionSpec
+from ..lora_keys import STYLE_KOHYA
 from ..targets import GROUP_ATTENTION, GROUP_FFN, Target, TargetCatalog
+from .spec import ModelFamily
 
-FAMILY = "sdxl"
+NAME = "sdxl"
 CONTEXT_DIM = 2048
 ADM_DIM = 2816
 ATTENTION_TYPES = (
@@ -15,6 +18,9 @@ ATTENTION_TYPES = (
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
 )
 FFN_TYPES = ("ff.net.0.proj", "ff.net.2")
+# CLIP-L + CLIP-G tokens ([77k, 2048]) and the pooled CLIP-G vector, used as ComfyUI gives them
+TEXT_CONDITION = ConditionSpec(token_dim=CONTEXT_DIM, length=None, strip_zero_padding=False, pooled_dim=1280,
+                               encoder="SDXL CLIP-L + CLIP-G text encoders")
 _SECTION_ORDER = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2}
 _BLOCK_WEIGHT = re.compile(
     r"^(input_blocks\.(\d+)\.\d+|middle_block\.\d+|output_blocks\.(\d+)\.\d+)"
@@ -54,4 +60,20 @@ def build(rel: Mapping[str, tuple[int, ...]], groups: tuple[str, ...]) -> Target
     )
     channels = rel.get("input_blocks.0.0.weight", (0,))[0]
     summary = f"SDXL UNet ({len(blocks)} transformer blocks, {channels} base channels)"
-    return TargetCatalog(FAMILY, type_names, len(blocks), groups, tuple(targets), summary)
+    return TargetCatalog(NAME, type_names, len(blocks), groups, tuple(targets), summary)
+
+
+def _owns_module_path(path: str) -> bool:
+    return path.startswith(("input_blocks.", "middle_block.", "output_blocks."))
+
+
+def _modelspec(base_description: str) -> tuple[str, str]:
+    return "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"
+
+
+# kohya names load on every ComfyUI version and in other tools
+FAMILY = ModelFamily(
+    name=NAME, aliases=(), matches=matches, build_catalog=build, text_condition=TEXT_CONDITION,
+    lora_key_style=STYLE_KOHYA, latent_channels_key="input_blocks.0.0.weight",
+    signature_types=("attn1.to_q", "attn2.to_k"), owns_module_path=_owns_module_path, modelspec=_modelspec,
+)

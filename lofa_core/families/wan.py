@@ -7,10 +7,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from ..conditioning import ConditionSpec
 from ..errors import ModelFamilyError
+from ..lora_keys import STYLE_COMFYUI
 from ..targets import GROUP_ATTENTION, GROUP_FFN, Target, TargetCatalog
+from .spec import ModelFamily
 
-FAMILY = "wan2.1-t2v"
+NAME = "wan2.1-t2v"
+# umT5-XXL tokens as ComfyUI's WAN CONDITIONING gives them ([max(512, n+1), 4096], zeros after EOS), taken as the
+# authors fed them: 512 tokens, zero-padded
+TEXT_CONDITION = ConditionSpec()
 ATTENTION_TYPES = (
     "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
@@ -52,7 +58,7 @@ def build(rel: Mapping[str, tuple[int, ...]], groups: tuple[str, ...]) -> Target
     in_channels = rel.get("patch_embedding.weight", (dim, 16))[1]
     name = _KNOWN_SIZES.get((dim, num_depths, in_channels), "WAN 2.1 T2V" if in_channels == 16 else "WAN 2.2 T2V")
     summary = f"{name} ({num_depths} blocks, dim {dim})"
-    return TargetCatalog(FAMILY, type_names, num_depths, groups, tuple(targets), summary)
+    return TargetCatalog(NAME, type_names, num_depths, groups, tuple(targets), summary)
 
 
 # diffusers' WanTransformer3DModel names -> ComfyUI/original names, per block.
@@ -112,3 +118,21 @@ def comfy_to_diffusers_key(key: str) -> str:
     """Inverse of `diffusers_to_comfy_key`."""
     return _rename_key(key, _COMFY_TO_DIFFUSERS, _COMFY_TOP, ("head.modulation", "scale_shift_table"),
                        ("modulation", "scale_shift_table"))
+
+
+def _modelspec(base_description: str) -> tuple[str, str]:
+    if "WAN 2.2" in base_description:
+        return "wan2.2/lora", "https://github.com/Wan-Video/Wan2.2"
+    return "wan2.1/lora", "https://github.com/Wan-Video/Wan2.1"
+
+
+def _owns_module_path(path: str) -> bool:
+    return path.startswith("blocks.")
+
+
+FAMILY = ModelFamily(
+    name=NAME, aliases=("wan",), matches=matches, build_catalog=build, text_condition=TEXT_CONDITION,
+    lora_key_style=STYLE_COMFYUI, latent_channels_key="patch_embedding.weight",
+    signature_types=("self_attn.q", "cross_attn.k"), owns_module_path=_owns_module_path, modelspec=_modelspec,
+    to_module_path=diffusers_to_comfy_path,
+)
