@@ -6,7 +6,7 @@
 
 WAN: the authors' released architecture (768-d, 8 blocks, 12 heads, patch 96, rank 32, umT5 context 512x4096)
 with random weights, 1536x1536 random base weights, a ~100-token prompt padded to 512. It times
-(a) a reference that computes the model the straightforward way (`lofa_core.official_reference`: the context
+(a) a reference that computes the model the straightforward way (`tests/support/official_reference.py`: the context
     projected again for every matrix, all 512 padded tokens attended, float32, one matrix at a time), and
 (b) the pack's prediction path as the nodes use it (`lofa_core.predict.predict`) in float32 and bfloat16,
 and prints each time, the ratios, the max relative error of alpha * B @ A against the reference, achieved
@@ -27,18 +27,21 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from lofa_core import official_reference as ref  # noqa: E402
+from support import official_reference as ref  # noqa: E402
+
 from lofa_core.checkpoint import LoFACheckpoint  # noqa: E402
 from lofa_core.conditioning import prepare_condition  # noqa: E402
 from lofa_core.config import HEAD_POOLED, RESPONSE_SOFTPLUS_TAU, HyperNetConfig  # noqa: E402
 from lofa_core.convert_official import official_catalog  # noqa: E402
-from lofa_core.factory import new_hypernet, randomise_lora_heads_  # noqa: E402
+from lofa_core.factory import new_hypernet  # noqa: E402
 from lofa_core.families import build_catalog  # noqa: E402
 from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT  # noqa: E402
 from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT  # noqa: E402
 from lofa_core.hypernet import LoFAHypernet  # noqa: E402
 from lofa_core.predict import predict, shape_groups  # noqa: E402
+from training.untrained import randomise_lora_heads_  # noqa: E402
 
 RELEASED = dict(d_model=768, n_heads=12, n_blocks=8, patch_size=96, rank=32, context_dim=4096, num_depths=30,
                 num_types=8, max_rows=16, max_cols=16, head=HEAD_POOLED, head_shape=(1536, 1536),

@@ -29,11 +29,11 @@ def worker(threads: int, workdir: Path, steps: int) -> dict:
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(REPO))
-    from training import synthetic
+    from training import tiny_models
     from training.base_models import load_base_model, make_captions
     from training.injection import inject
 
-    base = load_base_model(synthetic.make_tiny_wan(workdir / "tiny_wan.safetensors"))
+    base = load_base_model(tiny_models.make_tiny_wan(workdir / "tiny_wan.safetensors"))
     groups, per_group = 15, 8
     latents = torch.randn(groups * per_group, 16, 2, 8, 8)
     prompts = torch.zeros(groups, 512, 4096)

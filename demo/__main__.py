@@ -78,10 +78,11 @@ def build_models(root: Path, workdir: Path, checkpoint: Path | None, untrained: 
 
     from demo import tiny_sdxl
     from lofa_core.checkpoint import load_checkpoint, save_checkpoint
-    from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+    from lofa_core.factory import SMALL, new_hypernet
     from lofa_core.families import build_catalog
     from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
     from lofa_core.targets import check_compatible
+    from training.untrained import randomise_lora_heads_
 
     tiny_sdxl.register()
     ckpt_path = root / "models" / "checkpoints" / TINY_CKPT

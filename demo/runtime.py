@@ -81,7 +81,7 @@ def import_comfy(root: Path) -> None:
             del sys.modules[name]
 
 
-TINY_MODEL_REGISTRATIONS = ("demo.tiny_sdxl", "demo.tiny_clip_vision")
+TINY_MODEL_REGISTRATIONS = ("demo.tiny_sdxl",)  # the demo's; tests add their own (tests/support)
 
 
 def prepare_server_root(source: Path, dest: Path, registrations: tuple[str, ...] = TINY_MODEL_REGISTRATIONS,

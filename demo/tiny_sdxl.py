@@ -22,6 +22,8 @@ import comfy.supported_models_base
 import comfy.taesd.taesd
 import torch
 
+from training.tiny_models import fill_random_
+
 UNET_CONFIG = {
     "model_channels": 32,
     "use_linear_in_transformer": True,
@@ -97,21 +99,6 @@ def register() -> None:
     models = comfy.supported_models.models
     if not any(m is TinySDXL or getattr(m, "__name__", "") == "TinySDXL" for m in models):
         models.insert(0, TinySDXL)
-
-
-def fill_random_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
-    """ComfyUI builds models with uninitialised memory; give every tensor defined random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.state_dict().items():
-            if not p.is_floating_point():
-                continue
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "_norm.weight",
-                              "layer_norm1.weight", "layer_norm2.weight", "final_layer_norm.weight")):
-                p.copy_(1 + std * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
-    return module
 
 
 def build_model(seed: int = 0):

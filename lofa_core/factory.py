@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .conditioning import ConditionSpec
 from .config import axial_config_for
 from .hypernet import LoFAHypernet
@@ -30,20 +28,3 @@ def condition_sizes(condition: ConditionSpec) -> dict:
     if condition.kind == "image" and condition.image_feature == "image_embeds":
         sizes |= dict(condition_tokens=4, context_dim_2=condition.second_dim)
     return sizes
-
-
-def randomise_lora_heads_(net: LoFAHypernet, seed: int = 0, std: float = 0.02) -> LoFAHypernet:
-    """Replace the zero-initialised output heads (B, and Stage-I's map head) with noise, so an untrained network
-    predicts a non-zero LoRA and a non-trivial response map.
-
-    Only for demos and tests of the plumbing: a trained checkpoint never needs this.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for stage in (net.stage1, net.stage2):
-            for name in ("head_B", "head_map"):
-                head = getattr(stage, name, None) if stage is not None else None
-                if head is not None:
-                    head.weight.copy_(std * torch.randn(head.weight.shape, generator=gen))
-                    head.bias.copy_(std * torch.randn(head.bias.shape, generator=gen))
-    return net

@@ -8,23 +8,25 @@ import re
 
 import pytest
 import torch
-from conftest import load_tiny_wan, node
 from safetensors.torch import save_file
+from support import tiny_wan
+from support.comfy_nodes import load_tiny_wan, node
 from support.quantized import fp8_scaled
 from test_wan import wan_conditioning
 
-from demo import tiny_wan
 from lofa_core import base_signature
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
-from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families import build_catalog
 from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
+from training import tiny_models
+from training.untrained import randomise_lora_heads_
 
 TRAINED_ON = "wan2.1_t2v_14B_bf16.safetensors (WAN 2.1 T2V 14B)"
 
 
 def tiny_wan_weights(seed: int) -> dict[str, torch.Tensor]:
-    return tiny_wan.comfy_state_dict(tiny_wan.build_diffusers(seed))
+    return tiny_models.tiny_wan_state_dict(tiny_models.build_tiny_wan(seed))
 
 
 def signed_checkpoint(path, sd: dict[str, torch.Tensor], name: str = TRAINED_ON):
@@ -80,7 +82,7 @@ def test_predict_refuses_another_model_with_the_same_shapes(comfy, model_dirs, u
 
 def test_predict_accepts_the_same_model_stored_as_fp8_scaled(comfy, model_dirs, unet_dir):
     """What most WAN 14B users download: the fp8_scaled file of the model the checkpoint was trained on."""
-    from conftest import require_native_wan
+    from support.comfy_nodes import require_native_wan
 
     require_native_wan()
     base = tiny_wan_weights(seed=1)
@@ -109,13 +111,13 @@ def test_training_export_signs_the_base_model(tmp_path):
 
 def test_wan_image_to_video_keeps_its_clear_refusal(comfy, model_dirs, unet_dir):
     """A WAN 2.1 I2V model (k_img/v_img, img_emb) loaded by the stock loader: no LoRA, a message naming the fix."""
-    from conftest import require_native_wan
+    from support.comfy_nodes import require_native_wan
 
     require_native_wan()
     import comfy.ops as comfy_ops
     from comfy.ldm.wan.model import WanModel
 
-    from demo.tiny_sdxl import fill_random_
+    from training.tiny_models import fill_random_
 
     i2v = WanModel(model_type="i2v", in_dim=36, dim=128, ffn_dim=256, num_heads=1, num_layers=2,
                    operations=comfy_ops.disable_weight_init)

@@ -7,12 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import node, require_native_wan
+from support import tiny_wan
+from support.comfy_nodes import node, require_native_wan
 from support.quantized import dequantised_fp8, fp8_scaled, quantize_linear_gguf_
 from test_comfy_sdxl import make_checkpoint, sdxl_conditioning
 from test_wan import wan_checkpoint, wan_conditioning
 
-from demo import tiny_wan
+from training import tiny_models
 
 
 def fresh_prediction(comfy, model, lofa_name, conditioning):
@@ -37,8 +38,8 @@ def test_fp8_scaled_wan_gives_the_dequantised_weights(comfy, model_dirs):
     import comfy.utils as comfy_utils
 
     base_weight = comfy.pack.nodes.comfy_compat.base_weight
-    diffusers_model = tiny_wan.build_diffusers(seed=6)
-    sd = tiny_wan.comfy_state_dict(diffusers_model)
+    diffusers_model = tiny_models.build_tiny_wan(seed=6)
+    sd = tiny_models.tiny_wan_state_dict(diffusers_model)
     reference = comfy_sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
     catalog = wan_checkpoint(reference, model_dirs.lofa / "wan.safetensors", seed=3)
     layers = [t.path for t in catalog.targets]

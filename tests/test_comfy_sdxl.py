@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import node, stock_training_node
+from support.comfy_nodes import node, stock_training_node
 
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
 from lofa_core.conditioning import prepare_condition
-from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families import build_catalog
 from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
 from lofa_core.predict import predict
+from training.untrained import randomise_lora_heads_
 
 STRENGTH = 0.7
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import node
+from support.comfy_nodes import node
 from test_comfy_sdxl import sdxl_conditioning
 
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
@@ -17,11 +17,12 @@ from lofa_core.conditioning import (
     prepare_pose_condition,
 )
 from lofa_core.errors import CheckpointError, ConditionError
-from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families import build_catalog
 from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
 from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.predict import predict
+from training.untrained import randomise_lora_heads_
 
 
 def test_pose_frames_any_count_and_size_are_resampled_and_letterboxed():
@@ -124,7 +125,7 @@ def test_mixed_image_features_are_a_softmax_gated_sum_of_two_branches(tmp_path):
 
 
 def test_image_prompt_through_the_nodes(comfy, model_dirs, tmp_path):
-    import demo.tiny_clip_vision as tiny_clip
+    from support import tiny_clip_vision as tiny_clip
 
     model = comfy.tiny_sdxl.build_model(seed=0)
     _image_checkpoint(comfy, model, model_dirs.lofa / "face.safetensors", tiny_clip.CONFIG["hidden_size"])
@@ -155,7 +156,7 @@ def test_image_prompt_through_the_nodes(comfy, model_dirs, tmp_path):
 def test_two_image_features_through_the_nodes(comfy, model_dirs):
     """A checkpoint that mixes two image features (DiffLoRA MIF) takes a second CLIP Vision Encode output; each
     missing, extra or wrong-width second input gets an error naming the socket and the fix."""
-    import demo.tiny_clip_vision as tiny_clip
+    from support import tiny_clip_vision as tiny_clip
 
     model = comfy.tiny_sdxl.build_model(seed=0)
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix="diffusion_model.").items()}
@@ -207,7 +208,8 @@ def test_text_condition_node_equals_direct_conditioning(comfy, model_dirs):
 
 
 def test_training_image_features_equal_comfyui_clip_vision_encode(comfy, tmp_path):
-    import demo.tiny_clip_vision as tiny_clip
+    from support import tiny_clip_vision as tiny_clip
+
     from training.conditions import CLIPVisionFeatures
 
     clip_vision = tiny_clip.build(seed=4)

@@ -13,7 +13,7 @@ from lofa_core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from lofa_core.conditioning import prepare_condition
 from lofa_core.config import HEAD_POOLED, HyperNetConfig, axial_config_for
 from lofa_core.errors import CheckpointError, ConditionError, LoRAFormatError
-from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
 from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.hypernet import LoFAHypernet, normalise_columns
@@ -27,6 +27,7 @@ from lofa_core.lora_keys import STYLE_COMFYUI, STYLE_KOHYA
 from lofa_core.predict import predict, truncate_rank
 from lofa_core.response import cosine_similarity, iou, lora_delta, response_map
 from lofa_core.targets import Target, TargetCatalog
+from training.untrained import randomise_lora_heads_
 
 MIXED = [(64, 64), (64, 200), (96, 64)]  # square, non-square wide (not a patch multiple), tall
 

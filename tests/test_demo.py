@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support import tiny_wan
 from test_comfy_sdxl import make_checkpoint
 from test_wan import wan_checkpoint
 
 import demo.__main__ as demo_main
-from demo import tiny_wan
 
 
 def run_demo(capsys, *argv) -> tuple[int, list[str]]:

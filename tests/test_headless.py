@@ -18,20 +18,22 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from support import tiny_wan_parts
+from support import tiny_wan, tiny_wan_parts
 from test_comfy_sdxl import make_checkpoint
 from test_conditions import _image_checkpoint
 from test_official import TINY_WAN_RELEASE, write_release
 
-from demo import runtime, tiny_wan
+from demo import runtime
 from lofa_core import base_signature
 from lofa_core.checkpoint import save_checkpoint
 from lofa_core.conditioning import image_spec, pose_spec
-from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families import build_catalog
 from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.lora_formats import read_lora_state_dict
 from lofa_core.targets import strip_model_prefix
+from training import tiny_models
+from training.untrained import randomise_lora_heads_
 
 pytestmark = pytest.mark.headless
 WORKFLOWS = runtime.WORKFLOWS
@@ -83,9 +85,9 @@ def wan_lofa_checkpoint(path: Path, weights: dict[str, torch.Tensor], spec, seed
 
 def save_wan_models(root: Path) -> None:
     """The WAN workflows' models in tiny form, in the folders the workflows' notes name."""
-    import demo.tiny_clip_vision as tiny_clip
+    from support import tiny_clip_vision as tiny_clip
 
-    weights = tiny_wan.comfy_state_dict(tiny_wan.build_diffusers(seed=21))
+    weights = tiny_models.tiny_wan_state_dict(tiny_models.build_tiny_wan(seed=21))
     (root / "models" / "diffusion_models").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(root / "models" / "diffusion_models" /
                                                                   "tiny_wan.safetensors"))
@@ -104,13 +106,13 @@ def save_wan_models(root: Path) -> None:
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
     base = tmp_path_factory.mktemp("headless")
-    registrations = runtime.TINY_MODEL_REGISTRATIONS + ("support.tiny_wan_parts",)
+    registrations = runtime.TINY_MODEL_REGISTRATIONS + ("support.tiny_clip_vision", "support.tiny_wan_parts")
     root = runtime.prepare_server_root(comfy.root, base / "comfyui", registrations,
                                        import_paths=(runtime.REPO / "tests",))
     comfy.tiny_sdxl.save_checkpoint(root / "models" / "checkpoints" / "tiny_sdxl.safetensors", seed=0)
     model = comfy.tiny_sdxl.build_model(seed=0)
     make_checkpoint(comfy, model, root / "models" / "lofa" / "tiny_lofa.safetensors")
-    import demo.tiny_clip_vision as tiny_clip
+    from support import tiny_clip_vision as tiny_clip
 
     tiny_clip.save(tiny_clip.build(seed=1), root / "models" / "clip_vision" / "tiny_clip_vision.safetensors")
     _image_checkpoint(comfy, model, root / "models" / "lofa" / "tiny_identity.safetensors",

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 import torch
-from conftest import load_tiny_wan, node, require_native_wan, stock_training_node
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support.comfy_nodes import load_tiny_wan, node, require_native_wan, stock_training_node
 from test_comfy_sdxl import make_checkpoint, sdxl_conditioning
 from test_wan import wan_checkpoint, wan_conditioning
 
-from demo import tiny_wan
 from lofa_core.lora_formats import read_lora_state_dict
+from training import tiny_models
 
 
 def file_metadata(path) -> dict[str, str]:
@@ -60,7 +60,8 @@ def test_train_lora_continues_from_a_saved_lofa_lora(comfy, model_dirs, unet_dir
     starts training from exactly the saved factors: its first weights are W + scale * B @ A as saved."""
     require_native_wan()
     train = stock_training_node(comfy, "TrainLoraNode")
-    patcher = load_tiny_wan(comfy, tiny_wan.comfy_state_dict(tiny_wan.build_diffusers(9)), unet_dir, "wan.safetensors")
+    weights = tiny_models.tiny_wan_state_dict(tiny_models.build_tiny_wan(9))
+    patcher = load_tiny_wan(comfy, weights, unet_dir, "wan.safetensors")
     catalog = wan_checkpoint(patcher, model_dirs.lofa / "wan.safetensors", seed=4)
     comfy.pack.nodes.prediction_cache.clear()
     (handle,) = node(comfy, "LoFAModelLoader").load("wan.safetensors", "float32")

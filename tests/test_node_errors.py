@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import node
+from support import tiny_wan
+from support.comfy_nodes import node
 from test_comfy_sdxl import make_checkpoint, sdxl_conditioning
 from test_wan import wan_checkpoint, wan_conditioning
 
-from demo import tiny_wan
 from lofa_core.checkpoint import save_checkpoint
 from lofa_core.errors import ModelFamilyError
 from lofa_core.factory import new_hypernet

@@ -2,7 +2,7 @@
 
 No authors' code is needed: state dicts are built with the official key names and shapes (the template below is
 checked against the released key list), converted, loaded strictly, and compared with an independent
-transcription of the authors' forward pass (`lofa_core.official_reference`).
+transcription of the authors' forward pass (`tests/support/official_reference.py`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import official_reference as ref
 from test_wan import wan_key_shapes
 
-from lofa_core import official_reference as ref
 from lofa_core.checkpoint import load_checkpoint
 from lofa_core.conditioning import prepare_condition
 from lofa_core.convert_official import convert, infer_config, load_official_state_dict, main, official_catalog
@@ -261,11 +261,10 @@ TINY_WAN_RELEASE = dict(d=64, heads=4, blocks=2, patch=16, size=128, rank=4, ctx
 def test_release_pth_files_load_in_the_node_and_fit_only_their_model(comfy, model_dirs):
     """The downloaded release (.pth pair) in models/lofa: listed, converted once, used on the tiny WAN it
     fits, and refused with a clear message by a model it does not fit."""
-    from conftest import node
+    from support import tiny_wan
+    from support.comfy_nodes import node
     from test_comfy_sdxl import sdxl_conditioning
     from test_wan import wan_conditioning
-
-    from demo import tiny_wan
 
     write_release(model_dirs.lofa, dims=TINY_WAN_RELEASE, seed=13)
     choices = comfy.mappings["LoFAModelLoader"].INPUT_TYPES()["required"]["lofa_name"][0]
@@ -290,10 +289,9 @@ def test_release_pth_files_load_in_the_node_and_fit_only_their_model(comfy, mode
 def test_lora_model_and_patch_carry_the_authors_update(comfy, model_dirs):
     """In ComfyUI's alpha/rank convention the stored alpha is alpha*rank: every consumer gets alpha*B@A."""
     import comfy.model_management as mm
-    from conftest import node
+    from support import tiny_wan
+    from support.comfy_nodes import node
     from test_wan import wan_conditioning
-
-    from demo import tiny_wan
 
     s1, s2, _, _ = write_release(model_dirs.lofa, dims=TINY_WAN_RELEASE, seed=17)
     (handle,) = node(comfy, "LoFAModelLoader").load("stage2_preview.pth", "float32")

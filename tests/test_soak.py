@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import node
+from support.comfy_nodes import node
 from test_comfy_sdxl import make_checkpoint, sdxl_conditioning
 
 from demo import runtime

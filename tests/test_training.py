@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import node
 from safetensors.torch import load_file
+from support import tiny_wan
+from support.comfy_nodes import node
 
-from demo import tiny_wan
 from lofa_core.checkpoint import load_checkpoint
 from lofa_core.conditioning import prepare_condition
 from lofa_core.lora_formats import read_lora_state_dict

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from demo import tiny_wan
 from lofa_core.conditioning import prepare_condition
 from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
 from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.families.wan import comfy_to_diffusers_key
+from training import tiny_models
 from training.base_models import load_base_model, load_state_dict
 from training.conditions import SDXLClipTextEncoder
 from training.dataset import DatasetError, check_dataset
@@ -23,9 +23,9 @@ from training.runs import base_catalog
 @pytest.fixture(scope="module")
 def wan_base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wan_base")
-    model = tiny_wan.build_diffusers(seed=4)
+    model = tiny_models.build_tiny_wan(seed=4)
     path = folder / "tiny_wan.safetensors"
-    save_file(tiny_wan.comfy_state_dict(model), path)
+    save_file(tiny_models.tiny_wan_state_dict(model), path)
     return path, model
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from demo import tiny_wan
+from training import tiny_models
 from training.__main__ import main as training_main
 from training.runs import base_catalog
 
@@ -30,7 +30,7 @@ class Exploit:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("base") / "tiny_wan.safetensors"
-    save_file(tiny_wan.comfy_state_dict(tiny_wan.build_diffusers(seed=4)), path)
+    save_file(tiny_models.tiny_wan_state_dict(tiny_models.build_tiny_wan(seed=4)), path)
     catalog, _ = base_catalog(path, ("attn",))
     return path, {t.path: t.shape for t in catalog.targets}
 

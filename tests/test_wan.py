@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import node
 from safetensors.torch import load_file
+from support import tiny_wan
+from support.comfy_nodes import node
 
-from demo import tiny_wan
 from lofa_core.checkpoint import save_checkpoint
-from lofa_core.factory import SMALL, new_hypernet, randomise_lora_heads_
+from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families import build_catalog
 from lofa_core.families.wan import ATTENTION_TYPES, comfy_to_diffusers_key, diffusers_to_comfy_key
 from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.lora_formats import read_lora_state_dict
 from lofa_core.targets import GROUP_ATTENTION, GROUP_FFN
+from training import tiny_models
+from training.untrained import randomise_lora_heads_
 
 OFFICIAL = {"1.3B": dict(dim=1536, heads=12, ffn_dim=8960, num_layers=30),
             "14B": dict(dim=5120, heads=40, ffn_dim=13824, num_layers=40)}
@@ -58,11 +60,11 @@ def test_catalog_of_real_wan_sizes(size, dim, blocks):
 
 
 def test_key_mapping_round_trips_every_key():
-    model = tiny_wan.build_diffusers(0)
+    model = tiny_models.build_tiny_wan(0)
     for key in model.state_dict():
         assert comfy_to_diffusers_key(diffusers_to_comfy_key(key)) == key
     view = tiny_wan.ComfyWanView(model)
-    assert set(view.state_dict()) == set(tiny_wan.comfy_state_dict(model)), "view and key map must agree"
+    assert set(view.state_dict()) == set(tiny_models.tiny_wan_state_dict(model)), "view and key map must agree"
 
 
 def wan_conditioning(real_tokens: int = 20, seed: int = 0):

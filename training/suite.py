@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lofa_core.families import get_family, sdxl, wan
 
-from . import synthetic
+from . import synthetic, tiny_models
 from .baselines import shared_energy
 from .config import BuildConfig, Stage1Config, Stage2Config, _build, to_dict
 from .plots import read_metrics
@@ -29,6 +29,9 @@ from .runs import STAGE1_EXPORT, STAGE2_EXPORT, run_stage1, run_stage2
 
 HYPERNET = {"d_model": 128, "n_heads": 4, "n_blocks": 2, "patch_size": 16, "rank": 4}
 DEFAULTS = {
+    # the grid of tasks (every palette x pattern x motion); the held-out val/test tasks are the same in any grid,
+    # more words only add training tasks (synthetic.EXTRA_PALETTES / EXTRA_PATTERNS)
+    "tasks": {"palettes": list(synthetic.PALETTES), "patterns": list(synthetic.PATTERNS)},
     # the base model learns the domain (all training tasks' clips under one generic caption) before any LoRA
     "base": {"steps": 600, "lr": 1e-3, "batch_size": 32},
     "build": {"rank": 4, "steps": 300, "lr": 1e-3, "batch_size": 8, "groups_per_batch": 45, "init": "principal",
@@ -120,16 +123,22 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
     family = get_family(family).name
     settings = suite_settings(overrides, family)
     workdir.mkdir(parents=True, exist_ok=True)
+    grid = settings["tasks"]
+    extra_words = tuple(sorted(set(grid["palettes"]) - set(synthetic.PALETTES))) + tuple(
+        sorted(set(grid["patterns"]) - set(synthetic.PATTERNS)))
     if family == wan.NAME:
-        raw_base = str(synthetic.make_tiny_wan(workdir / "base" / "tiny_wan.safetensors"))
-        text_encoder = str(synthetic.make_tiny_umt5(workdir / "text_encoder"))
-        tasks = synthetic.make_tasks(workdir / "tasks", family)
+        raw_base = str(tiny_models.make_tiny_wan(workdir / "base" / "tiny_wan.safetensors"))
+        encoder_dir = "text_encoder" + "".join(f"_{w}" for w in extra_words)  # its vocabulary has the grid's words
+        text_encoder = str(tiny_models.make_tiny_umt5(workdir / encoder_dir, extra_words=extra_words))
+    elif not (base_model and text_encoder):
+        raise SystemExit("the SDXL suite needs --base-model (a tiny SDXL file) and --text-encoder (clip_l/clip_g)")
     else:
-        if not (base_model and text_encoder):
-            raise SystemExit("the SDXL suite needs --base-model (a tiny SDXL file) and --text-encoder (clip_l/clip_g)")
         raw_base = base_model
-        tasks = synthetic.make_tasks(workdir / "tasks", family)
+    tasks = synthetic.make_tasks(workdir / "tasks", family, palettes=tuple(grid["palettes"]),
+                                 patterns=tuple(grid["patterns"]))
     base_key = {"source": Path(raw_base).name, **settings["base"]}
+    if grid != DEFAULTS["tasks"]:  # (the default grid keeps the cache keys it always had)
+        base_key["tasks"] = grid
     pretrained = workdir / "base_pretrained" / "base.safetensors"
     base_model = str(_once(pretrained.parent, pretrained, base_key, lambda: synthetic.pretrain_base(
         Path(raw_base), tasks, text_encoder, pretrained, **settings["base"])))
@@ -166,9 +175,9 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
     if condition != "text":
         encoders = []
         if condition.startswith("image"):
-            encoders.append(synthetic.make_tiny_clip_vision(workdir / "image_encoder"))
+            encoders.append(tiny_models.make_tiny_clip_vision(workdir / "image_encoder"))
         if condition == "image-mix":
-            encoders.append(synthetic.make_tiny_clip_vision(workdir / "image_encoder_2", seed=1, width=48,
+            encoders.append(tiny_models.make_tiny_clip_vision(workdir / "image_encoder_2", seed=1, width=48,
                                                             projection=24))
         synthetic.make_condition_dataset(dataset, condition.split("-")[0], train_set, *encoders)
     stage1_key = {"base": base_key, "build": to_dict(build), "stage1": to_dict(s1), "condition": condition}

@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 
 from lofa_core.families import get_family, wan
-from lofa_core.families.wan import diffusers_to_comfy_key
 from lofa_core.fileio import save_safetensors
 
 PATTERNS = ("stripes", "columns", "checks", "rings", "diagonals")
 PALETTES = ("pale", "vivid", "warm")  # which channels carry the pattern, and how strongly
+# more words for a larger grid of training tasks (suite setting tasks.palettes / tasks.patterns); the held-out
+# tasks stay the same, so a larger grid only adds training tasks
+EXTRA_PATTERNS = ("waves",)
+EXTRA_PALETTES = ("cool", "deep")
 MOTIONS = ("still", "drifting", "flickering")  # WAN (video latents have a time axis)
 INTENSITIES = ("faint", "bold", "inverted")  # SDXL (images)
 # whole tasks held out, each palette twice and each motion/intensity twice per split
@@ -36,10 +39,9 @@ VAL = {("pale", "columns", 0), ("vivid", "diagonals", 1), ("warm", "rings", 0), 
        ("vivid", "checks", 2), ("warm", "diagonals", 2)}
 TEST = {("pale", "rings", 1), ("vivid", "stripes", 2), ("warm", "checks", 0), ("pale", "diagonals", 2),
         ("vivid", "columns", 0), ("warm", "stripes", 1)}
-AMPLITUDE = {"pale": 0.4, "vivid": 1.6, "warm": 1.0}
+AMPLITUDE = {"pale": 0.4, "vivid": 1.6, "warm": 1.0, "cool": 1.2, "deep": 0.7}
 TRAIN_CLIPS, HELD_OUT_CLIPS = 16, 8
 PHASE_JITTER = 0.3  # radians: clips of one task vary a little around its pattern
-TINY_WAN = dict(dim=128, heads=1, ffn_dim=256, num_layers=2, in_channels=16, text_dim=4096, freq_dim=256)
 
 
 def _pattern(name: str, size: int, phase: float) -> torch.Tensor:
@@ -55,15 +57,18 @@ def _pattern(name: str, size: int, phase: float) -> torch.Tensor:
     if name == "rings":
         c = (size - 1) / 2
         return torch.sin(1.5 * k * ((y - c) ** 2 + (x - c) ** 2).sqrt() + phase)
+    if name == "waves":
+        return torch.sin(k * y + 1.5 * torch.sin(k * x) + phase)
     return torch.sin(k * (x + y) / 1.4 + phase)
 
 
 def channel_weights(palette: str, channels: int) -> torch.Tensor:
     """How strongly each latent channel carries the pattern: pale the first half, vivid the second, warm the even
-    channels, each at its own amplitude."""
+    channels, cool the odd ones, deep the middle half, each at its own amplitude."""
     weights = torch.zeros(channels)
     half = channels // 2
-    index = {"pale": slice(0, half), "vivid": slice(half, channels), "warm": slice(0, channels, 2)}[palette]
+    index = {"pale": slice(0, half), "vivid": slice(half, channels), "warm": slice(0, channels, 2),
+             "cool": slice(1, channels, 2), "deep": slice(channels // 4, channels - channels // 4)}[palette]
     weights[index] = AMPLITUDE[palette]
     return weights
 
@@ -98,17 +103,32 @@ def prompt_of(family: str, palette: str, pattern: str, third: int) -> str:
     return f"a {palette} {pattern} pattern , {INTENSITIES[third]}"
 
 
-def make_tasks(folder: Path, family: str, seed: int = 0) -> Path:
+def _group_seeds(palettes: tuple[str, ...], patterns: tuple[str, ...]) -> dict[tuple[str, str, int], int]:
+    """A fixed seed offset per group: the default grid's groups keep theirs whatever grid they are part of."""
+    default = list(itertools.product(PALETTES, PATTERNS, range(3)))
+    extra = [g for g in itertools.product(palettes, patterns, range(3)) if g not in default]
+    return {g: i for i, g in enumerate(default)} | {g: 1000 + i for i, g in enumerate(extra)}
+
+
+def make_tasks(folder: Path, family: str, seed: int = 0, palettes: tuple[str, ...] = PALETTES,
+               patterns: tuple[str, ...] = PATTERNS) -> Path:
     """Latents ("latents": training clips, "heldout": clips for evaluation) and tasks.jsonl for every
     (palette, pattern, motion/intensity) group; returns tasks.jsonl."""
+    unknown = sorted(set(palettes) - set(PALETTES + EXTRA_PALETTES)) + sorted(
+        set(patterns) - set(PATTERNS + EXTRA_PATTERNS))
+    missing = sorted({w for combo in VAL | TEST for w in combo[:2]} - set(palettes) - set(patterns))
+    if unknown or missing:
+        raise SystemExit(f"task grid: unknown words {unknown}, missing words of the held-out tasks {missing}")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "latents").mkdir(exist_ok=True)
     lines = []
-    for i, (palette, pattern, third) in enumerate(itertools.product(PALETTES, PATTERNS, range(3))):
+    seeds = _group_seeds(tuple(palettes), tuple(patterns))
+    for palette, pattern, third in itertools.product(palettes, patterns, range(3)):
         group = f"{palette}_{pattern}_{third}"
         path = folder / "latents" / f"{group}.safetensors"
         if not path.exists():
-            clips = make_latents(family, palette, pattern, third, TRAIN_CLIPS + HELD_OUT_CLIPS, seed + i)
+            clips = make_latents(family, palette, pattern, third, TRAIN_CLIPS + HELD_OUT_CLIPS,
+                                 seed + seeds[(palette, pattern, third)])
             save_safetensors({"latents": clips[:TRAIN_CLIPS].contiguous(),
                               "heldout": clips[TRAIN_CLIPS:].contiguous()}, path)
         lines.append({"group": group, "prompt": prompt_of(family, palette, pattern, third),
@@ -118,56 +138,9 @@ def make_tasks(folder: Path, family: str, seed: int = 0) -> Path:
     return tasks
 
 
-def make_tiny_wan(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised tiny WAN 2.1 T2V saved like the released files (ComfyUI/original key names)."""
-    from diffusers import WanTransformer3DModel
-
-    if path.exists():
-        return path
-    cfg = TINY_WAN
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=cfg["heads"], attention_head_dim=cfg["dim"] // cfg["heads"],
-        in_channels=cfg["in_channels"], out_channels=cfg["in_channels"], text_dim=cfg["text_dim"],
-        freq_dim=cfg["freq_dim"], ffn_dim=cfg["ffn_dim"], num_layers=cfg["num_layers"], cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1 + 0.05 * torch.randn(p.shape, generator=gen)) if name.endswith(
-                ("norm_q.weight", "norm_k.weight", "norm2.weight")) else 0.05 * torch.randn(p.shape, generator=gen))
-    sd = {diffusers_to_comfy_key(k): v.contiguous() for k, v in model.state_dict().items()}
-    save_safetensors(sd, path, {"lofa.synthetic": "tiny WAN 2.1 T2V"})
-    return path
-
-
-def make_tiny_umt5(folder: Path, seed: int = 0) -> Path:
-    """A tiny umT5 encoder (4096-wide outputs like umT5-XXL) with a word-level tokenizer, in a local folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    if (folder / "config.json").exists():
-        return folder
-    words = sorted({w for p in PALETTES for w in [p]} | set(PATTERNS) | set(MOTIONS) | set(INTENSITIES)
-                   | {"a", "pattern", "that", "is", ","})
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(seed)
-    config = UMT5Config(vocab_size=len(vocab), d_model=4096, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
-                        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
-                        eos_token_id=1, decoder_start_token_id=0)
-    model = UMT5EncoderModel(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    fast.save_pretrained(str(folder))
-    return folder
-
-
 # -- image and pose variants of the suite: the same tasks, told by a picture or a pose sequence ---------------
-COLORS = {"pale": (0.72, 0.80, 0.95), "vivid": (0.95, 0.22, 0.10), "warm": (0.95, 0.62, 0.15)}
+COLORS = {"pale": (0.72, 0.80, 0.95), "vivid": (0.95, 0.22, 0.10), "warm": (0.95, 0.62, 0.15),
+          "cool": (0.20, 0.55, 0.95), "deep": (0.25, 0.15, 0.45)}
 
 
 def parse_group(group: str) -> tuple[str, str, int]:
@@ -191,8 +164,9 @@ def render_style_image(palette: str, pattern: str, third: int, size: int = 64) -
 def render_pose_frames(palette: str, pattern: str, third: int, frames: int = 8, size: int = 32) -> torch.Tensor:
     """Rendered 'pose' frames [frames, size, size, 3]: a limb from the centre whose start angle follows the
     pattern, whose motion follows the third word (still / turning / swinging) and whose thickness the palette."""
-    angle0 = PATTERNS.index(pattern) * 2 * math.pi / len(PATTERNS)
-    width = {"pale": 1.2, "vivid": 3.0, "warm": 2.0}[palette]
+    index = PATTERNS.index(pattern) if pattern in PATTERNS else EXTRA_PATTERNS.index(pattern) + 0.5
+    angle0 = index * 2 * math.pi / len(PATTERNS)
+    width = {"pale": 1.2, "vivid": 3.0, "warm": 2.0, "cool": 1.6, "deep": 2.5}[palette]
     y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                           indexing="ij")
     c = (size - 1) / 2
@@ -206,21 +180,6 @@ def render_pose_frames(palette: str, pattern: str, third: int, frames: int = 8, 
         dist = ((px - t * dx) ** 2 + (py - t * dy) ** 2).sqrt()
         out.append((dist <= width).float().unsqueeze(-1).expand(-1, -1, 3))
     return torch.stack(out)
-
-
-def make_tiny_clip_vision(folder: Path, seed: int = 0, width: int = 64, projection: int = 32) -> Path:
-    """A tiny randomly initialised CLIP vision model (with projection) in a local transformers folder."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    if (folder / "config.json").exists():
-        return folder
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
-                              num_attention_heads=4, image_size=224, patch_size=32, projection_dim=projection,
-                              hidden_act="quick_gelu")
-    folder.mkdir(parents=True, exist_ok=True)
-    CLIPVisionModelWithProjection(config).save_pretrained(str(folder))
-    return folder
 
 
 def make_condition_dataset(text_dataset: Path, kind: str, out: Path, image_encoder: Path | None = None,

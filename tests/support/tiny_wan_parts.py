@@ -124,7 +124,7 @@ def save_umt5(path: str | os.PathLike, seed: int = 0) -> Path:
     """A tiny umT5 file in the stock layout (`encoder.*`, `shared.weight`, `spiece_model`)."""
     from safetensors.torch import save_file
 
-    from demo.tiny_sdxl import fill_random_
+    from training.tiny_models import fill_random_
 
     spiece = tokenizer_model()
     vocab = _vocab_size(spiece)
@@ -151,7 +151,7 @@ def save_vae(path: str | os.PathLike, seed: int = 0) -> Path:
     import comfy.ldm.wan.vae
     from safetensors.torch import save_file
 
-    from demo.tiny_sdxl import fill_random_
+    from training.tiny_models import fill_random_
 
     with torch.no_grad():
         vae = comfy.ldm.wan.vae.WanVAE(dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],

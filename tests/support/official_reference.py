@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_TAU
+from lofa_core.config import DEFAULT_TAU
 
 Tensor = torch.Tensor
 StateDict = Mapping[str, Tensor]

@@ -1,4 +1,4 @@
-"""A tiny WAN 2.1 T2V for tests: diffusers' `WanTransformer3DModel`, seen through ComfyUI's key names.
+"""The tiny WAN 2.1 T2V (`training.tiny_models`) in ComfyUI, for tests: seen through ComfyUI's key names.
 
 The 2024 ComfyUI runtime has no WAN class, so `ComfyWanView` arranges the *same* module objects of a
 diffusers WAN model under ComfyUI's names (`diffusion_model.blocks.0.self_attn.q` is the diffusers
@@ -12,35 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lofa_core.families.wan import diffusers_to_comfy_key
-
-TINY_WAN = dict(dim=128, heads=1, ffn_dim=256, num_layers=2, in_channels=16, text_dim=4096, freq_dim=256)
-
-
-def build_diffusers(seed: int = 0, **overrides):
-    from diffusers import WanTransformer3DModel
-
-    cfg = {**TINY_WAN, **overrides}
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=cfg["heads"], attention_head_dim=cfg["dim"] // cfg["heads"],
-        in_channels=cfg["in_channels"], out_channels=cfg["in_channels"], text_dim=cfg["text_dim"],
-        freq_dim=cfg["freq_dim"], ffn_dim=cfg["ffn_dim"], num_layers=cfg["num_layers"], cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm_q.weight", "norm_k.weight", "norm2.weight")):
-                p.copy_(1 + 0.02 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
-def comfy_state_dict(model) -> dict[str, torch.Tensor]:
-    """The diffusers model's weights under ComfyUI/original WAN key names."""
-    return {diffusers_to_comfy_key(k): v for k, v in model.state_dict().items()}
+from training.tiny_models import TINY_WAN, build_tiny_wan, tiny_wan_state_dict
 
 
 class _Slots(nn.Module):
@@ -92,7 +64,7 @@ def build_view_patcher(seed: int = 0, model=None):
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    model = build_diffusers(seed) if model is None else model
+    model = build_tiny_wan(seed) if model is None else model
     return comfy.model_patcher.ModelPatcher(TinyWanBase(model), load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device()), model
 
@@ -108,8 +80,8 @@ def build_native(seed: int = 0):
     """(ComfyUI's own WAN 2.1 ModelPatcher loaded with a tiny diffusers model's weights, that model)."""
     import comfy.sd
 
-    model = build_diffusers(seed)
-    patcher = comfy.sd.load_diffusion_model_state_dict(comfy_state_dict(model),
+    model = build_tiny_wan(seed)
+    patcher = comfy.sd.load_diffusion_model_state_dict(tiny_wan_state_dict(model),
                                                        model_options={"dtype": torch.float32})
     return patcher, model
 

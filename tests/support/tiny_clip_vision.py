@@ -59,7 +59,7 @@ def register() -> None:
 
 def build(seed: int = 0):
     """A randomly initialised tiny ComfyUI ClipVisionModel."""
-    from demo.tiny_sdxl import fill_random_
+    from training.tiny_models import fill_random_
 
     with torch.no_grad():
         model = comfy.clip_vision.ClipVisionModel(config_path())
