@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support import official_reference as ref  # noqa: E402
 
 from lofa_core.checkpoint import LoFACheckpoint  # noqa: E402
-from lofa_core.conditioning import prepare_condition  # noqa: E402
+from lofa_core.conditioning import prepare_text_condition  # noqa: E402
 from lofa_core.config import HEAD_POOLED, RESPONSE_SOFTPLUS_TAU, HyperNetConfig  # noqa: E402
 from lofa_core.convert_official import official_catalog  # noqa: E402
 from lofa_core.factory import new_hypernet  # noqa: E402
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(2)
     weights = {t.key: 0.02 * torch.randn(t.shape, generator=gen) for t in targets}  # the loaded base model
     tokens, pooled = prompt(ckpt.condition, args.prompt_tokens)
-    cond = prepare_condition(tokens, pooled, ckpt.condition)
+    cond = prepare_text_condition(tokens, pooled, ckpt.condition)
     print(f"{args.family}: {len(targets)} targets, hypernet {sum(p.numel() for p in ckpt.net.parameters()) / 1e6:.1f}M "
           f"params, prompt {args.prompt_tokens} tokens, {torch.get_num_threads()} threads")
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}

@@ -48,7 +48,7 @@ def worker(threads: int, workdir: Path, steps: int) -> dict:
         with inject(base.modules, factors):
             base.diffusion_loss(latents, captions, None, gen).backward()
 
-    from lofa_core.conditioning import prepare_condition
+    from lofa_core.conditioning import prepare_text_condition
     from lofa_core.factory import new_hypernet
     from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
     from lofa_core.predict import encode_prompt
@@ -57,7 +57,7 @@ def worker(threads: int, workdir: Path, steps: int) -> dict:
     weights = torch.stack([base.weight(t.path) for t in base.catalog.targets][:8])
     depth = torch.tensor([t.depth for t in base.catalog.targets][:8])
     kind = torch.tensor([t.type_index for t in base.catalog.targets][:8])
-    condition = prepare_condition(prompts[0, :9], None, WAN_TEXT)
+    condition = prepare_text_condition(prompts[0, :9], None, WAN_TEXT)
 
     def stage1_step() -> None:
         ctx = encode_prompt(net, condition, torch.device("cpu"), torch.float32)

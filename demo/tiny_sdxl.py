@@ -139,7 +139,7 @@ def save_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
 
 def export_text_encoders(clip, folder: str | os.PathLike) -> Path:
     """Save a tiny SDXL CLIP in transformers' layout (`clip_l/`, `clip_g/`, with ComfyUI's CLIP tokenizer files),
-    so `training.conditions.SDXLClipTextEncoder` encodes prompts exactly as this ComfyUI CLIP does."""
+    so `training.encoding.SDXLClipTextEncoder` encodes prompts exactly as this ComfyUI CLIP does."""
     import shutil
 
     from safetensors.torch import save_file

@@ -3,7 +3,7 @@
 Three kinds of user prompt (paper Sec. 4):
 
 * text: for WAN the authors fed umT5-XXL tokens [512, 4096] zero-padded past the prompt; ComfyUI's WAN
-  CONDITIONING is [max(512, n+1), 4096] with exact zeros after the EOS token, so `prepare_condition` strips that
+  CONDITIONING is [max(512, n+1), 4096] with exact zeros after the EOS token, so `prepare_text_condition` strips that
   padding and pads/truncates to the checkpoint's length. SDXL CONDITIONING ([77k, 2048] + pooled [1280]) is
   used as given.
 * image (a style or face image): one feature of ComfyUI's CLIP_VISION_OUTPUT, chosen by the checkpoint:
@@ -183,7 +183,7 @@ def prepare_pose_condition(images: torch.Tensor, spec: ConditionSpec) -> Conditi
     return Condition(tokens=frames.permute(1, 0, 2, 3).contiguous(), pooled=None, real_tokens=spec.frames,
                      kind=KIND_POSE)
 
-def prepare_condition(tokens: torch.Tensor, pooled: torch.Tensor | None, spec: ConditionSpec) -> Condition:
+def prepare_text_condition(tokens: torch.Tensor, pooled: torch.Tensor | None, spec: ConditionSpec) -> Condition:
     """Validate an encoder's output against `spec` and shape it the way the checkpoint was trained."""
     check_kind(spec, KIND_TEXT)
     if tokens is None or not isinstance(tokens, torch.Tensor):
@@ -270,13 +270,14 @@ def stack_collapsed(conditions: list[Condition]) -> tuple[torch.Tensor, torch.Te
     return tokens, log_counts, pooled
 
 
-def prepare_any(spec: ConditionSpec, kind: str, *, tokens: torch.Tensor | None = None,
-                pooled: torch.Tensor | None = None, image: Mapping[str, torch.Tensor] | None = None,
-                image_2: Mapping[str, torch.Tensor] | None = None, frames: torch.Tensor | None = None) -> Condition:
+def prepare_condition(spec: ConditionSpec, kind: str, *, tokens: torch.Tensor | None = None,
+                      pooled: torch.Tensor | None = None, image: Mapping[str, torch.Tensor] | None = None,
+                      image_2: Mapping[str, torch.Tensor] | None = None,
+                      frames: torch.Tensor | None = None) -> Condition:
     """Prepare a condition of `kind` for a checkpoint, with a clear error if the checkpoint wants another kind."""
     check_kind(spec, kind)
     if kind == KIND_IMAGE:
         return prepare_image_condition(image, spec, image_2)
     if kind == KIND_POSE:
         return prepare_pose_condition(frames, spec)
-    return prepare_condition(tokens, pooled, spec)
+    return prepare_text_condition(tokens, pooled, spec)

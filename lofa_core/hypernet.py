@@ -14,8 +14,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .condition_encoders import ImageProjector, MixedImageProjector, PoseEncoder
 from .config import HEAD_AXIAL, RATIO_EPS, RESPONSE_PATCH, HyperNetConfig
+from .hypernet_encoders import ImageProjector, MixedImageProjector, PoseEncoder
 from .layers import (
     ConditionalBlock,
     Context,
@@ -236,20 +236,20 @@ class Stage2Net(_Trunk):
         nn.init.zeros_(self.head_alpha.weight)
         nn.init.constant_(self.head_alpha.bias, softplus_inverse(cfg.alpha_init))
 
-    def run_blocks(self, x: torch.Tensor, ctx, prior: torch.Tensor | None = None) -> torch.Tensor:
-        """Stage-II's trunk: after each listed block, a cross-attention to Stage-I's features `prior`."""
+    def run_blocks(self, x: torch.Tensor, ctx, stage1_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage-II's trunk: after each listed block, a cross-attention to `stage1_features`."""
         for i, (block, block_ctx) in enumerate(zip(self.blocks, self._per_block(ctx))):
             x = self._run_block(block, x, block_ctx)
             inject = self.cross_attn_blocks[str(i)] if str(i) in self.cross_attn_blocks else None
             if inject is not None:
-                x = self._run_block(inject, x, prior)
+                x = self._run_block(inject, x, stage1_features)
         return self.norm(x)
 
     def forward(self, w: torch.Tensor, depth: torch.Tensor, type_index: torch.Tensor, ctx: torch.Tensor,
-                prior: torch.Tensor | None, prepared: torch.Tensor | None = None
+                stage1_features: torch.Tensor | None, prepared: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (A [B, r, in], B [B, out, r], alpha [B, 1]); dW = alpha * B @ A."""
-        tokens = self.run_blocks(self.embed_weights(w, depth, type_index, prepared), ctx, prior)
+        tokens = self.run_blocks(self.embed_weights(w, depth, type_index, prepared), ctx, stage1_features)
         a, b = self.lora_factors(tokens, w.shape[-2], w.shape[-1])
         alpha = F.softplus(self.head_alpha(tokens.mean(dim=1)))
         return a, b, alpha

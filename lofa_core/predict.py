@@ -76,19 +76,19 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
         for done, chunk in enumerate(chunks, start=1):
             w = torch.stack([_checked_weight(read_weight(t), t).to(device) for t in chunk])  # W's own dtype
             depth = torch.tensor([t.depth for t in chunk], device=device)
-            kind = torch.tensor([t.type_index for t in chunk], device=device)
+            type_index = torch.tensor([t.type_index for t in chunk], device=device)
             first = net.stage1 if net.stage1 is not None else net.stage2
             prepared = first.prepare_weights(w)  # normalised once, shared by both stages if they can
-            feats = probs = None
+            stage1_features = probs = None
             if net.stage1 is not None:
-                feats, logits = net.stage1.forward_features(w, depth, kind, ctx1, logits=with_response,
+                stage1_features, logits = net.stage1.forward_features(w, depth, type_index, ctx1, logits=with_response,
                                                             prepared=prepared)
                 if with_response:
                     _check_outputs(ckpt.name, chunk, dtype, {"the response map": logits})
                     probs = torch.sigmoid(logits.float())
             if with_lora:
                 shared = prepared if net.stage2.cfg.patch_size == first.cfg.patch_size else None
-                a, b, alpha = net.stage2(w, depth, kind, ctx2, feats, prepared=shared)
+                a, b, alpha = net.stage2(w, depth, type_index, ctx2, stage1_features, prepared=shared)
                 _check_outputs(ckpt.name, chunk, dtype, {"B": b, "A": a, "alpha": alpha})
                 if derived_response:
                     probs = response_map(alpha.float().unsqueeze(-1) * torch.bmm(b.float(), a.float()), w, ckpt.tau)
@@ -102,7 +102,7 @@ def predict(ckpt: LoFACheckpoint, targets: Sequence[Target], read_weight: ReadWe
                 maps.extend(full if response_side is None else preview_map(probs, response_side).unbind(0))
                 kept.extend(chunk)
                 del probs
-            del w, feats
+            del w, stage1_features
             if on_chunk is not None:
                 on_chunk(done, len(chunks))
     lora = PredictedLoRA(ckpt.catalog.family, _in_order(factors, targets)) if wanted_lora else None

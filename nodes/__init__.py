@@ -2,7 +2,7 @@
 
 from .apply import LoFAApplyLoRA
 from .comfy_compat import register_model_folder
-from .conditions import LoFAImageCondition, LoFAPoseCondition, LoFATextCondition
+from .condition_nodes import LoFAImageCondition, LoFAPoseCondition, LoFATextCondition
 from .loader import LoFAModelLoader
 from .predict import LoFAPredictLoRA
 from .preview import LoFAResponsePreview

@@ -16,7 +16,7 @@ from ..lofa_core.predict import predict, shape_groups, truncate_rank
 from ..lofa_core.targets import check_compatible, select_targets
 from . import prediction_cache
 from .comfy_compat import Progress, base_weight, intermediate_device, log, model_file_name, model_weight_shapes
-from .conditions import LoFACondition, from_conditioning
+from .condition_nodes import LoFACondition, from_conditioning
 
 CATEGORY = "LoFA"
 TARGET_CHOICES = ["all", "self-attention", "cross-attention"]

@@ -7,7 +7,7 @@ import torch
 from support.comfy_nodes import node, stock_training_node
 
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
-from lofa_core.conditioning import prepare_condition
+from lofa_core.conditioning import prepare_text_condition
 from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families import build_catalog
 from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
@@ -40,7 +40,7 @@ def snapshot(model):
 def expected_deltas(ckpt_path, catalog, weights, conditioning):
     """The LoRA computed directly with lofa_core (outside ComfyUI) from the same inputs."""
     ckpt = load_checkpoint(ckpt_path)
-    cond = prepare_condition(conditioning[0][0], conditioning[0][1]["pooled_output"], SDXL_TEXT)
+    cond = prepare_text_condition(conditioning[0][0], conditioning[0][1]["pooled_output"], SDXL_TEXT)
     pred = predict(ckpt, catalog.targets, lambda t: weights[t.key], cond, device=torch.device("cpu"),
                    dtype=torch.float32)
     return {f"diffusion_model.{p}.weight": f.delta() for p, f in pred.lora.factors.items()}

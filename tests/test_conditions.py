@@ -8,11 +8,10 @@ from support.comfy_nodes import node
 from test_comfy_sdxl import sdxl_conditioning
 
 from lofa_core.checkpoint import load_checkpoint, save_checkpoint
-from lofa_core.condition_encoders import MixedImageProjector
 from lofa_core.conditioning import (
     image_spec,
     pose_spec,
-    prepare_any,
+    prepare_condition,
     prepare_image_condition,
     prepare_pose_condition,
 )
@@ -21,6 +20,7 @@ from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families import build_catalog
 from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
 from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
+from lofa_core.hypernet_encoders import MixedImageProjector
 from lofa_core.predict import predict
 from training.untrained import randomise_lora_heads_
 
@@ -51,9 +51,9 @@ def test_image_condition_uses_the_checkpoints_feature_and_checks_the_clip_width(
     with pytest.raises(ConditionError, match="1024 wide from CLIP ViT-L/14.*1280 wide \\(CLIP ViT-H/14\\).*Load CLIP"):
         prepare_image_condition(vit_h, image_spec(1024))
     with pytest.raises(ConditionError, match="expects an image condition.*given a text condition.*LoFA Image"):
-        prepare_any(image_spec(1024), "text", tokens=torch.randn(1, 77, 2048))
+        prepare_condition(image_spec(1024), "text", tokens=torch.randn(1, 77, 2048))
     with pytest.raises(ConditionError, match="expects a text condition.*given a pose condition"):
-        prepare_any(WAN_TEXT, "pose", frames=torch.rand(4, 8, 8, 3))
+        prepare_condition(WAN_TEXT, "pose", frames=torch.rand(4, 8, 8, 3))
 
 
 def _catalog():
@@ -78,7 +78,7 @@ def test_image_and_pose_checkpoints_round_trip_and_predict(tmp_path, spec, paylo
     assert ckpt.condition == spec and ckpt.net.stage1.cfg.condition == spec.kind
     encoder = "image_proj" if spec.kind == "image" else "pose_encoder"
     assert any(k.startswith(f"{encoder}.") for k in ckpt.net.stage1.state_dict())
-    cond = prepare_any(spec, spec.kind, **payload)
+    cond = prepare_condition(spec, spec.kind, **payload)
     pred = predict(ckpt, catalog.targets, lambda t: torch.randn(t.shape), cond, device=torch.device("cpu"),
                    dtype=torch.float32)
     assert len(pred.lora) == 16 and all(f.delta().abs().max() > 0 for f in pred.lora.factors.values())
@@ -144,7 +144,7 @@ def test_image_prompt_through_the_nodes(comfy, model_dirs, tmp_path):
         predict_node.predict(model, handle, sdxl_conditioning(), "all", 0, 8, condition=condition)
     with pytest.raises(errors.ConditionError, match="Connect exactly one prompt"):
         predict_node.predict(model, handle, None, "all", 0, 8)
-    wide = comfy.pack.nodes.conditions.LoFACondition("image", image={
+    wide = comfy.pack.nodes.condition_nodes.LoFACondition("image", image={
         "penultimate_hidden_states": torch.randn(1, 257, 1024)})
     with pytest.raises(errors.ConditionError, match="1024 wide \\(CLIP ViT-L/14\\)"):
         predict_node.predict(model, handle, None, "all", 0, 8, condition=wide)
@@ -210,7 +210,7 @@ def test_text_condition_node_equals_direct_conditioning(comfy, model_dirs):
 def test_training_image_features_equal_comfyui_clip_vision_encode(comfy, tmp_path):
     from support import tiny_clip_vision as tiny_clip
 
-    from training.conditions import CLIPVisionFeatures
+    from training.encoding import CLIPVisionFeatures
 
     clip_vision = tiny_clip.build(seed=4)
     tiny_clip.save(clip_vision, tmp_path / "tiny_clip_vision.safetensors", tmp_path / "hf")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from lofa_core import fileio
 from lofa_core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from lofa_core.conditioning import prepare_condition
+from lofa_core.conditioning import prepare_text_condition
 from lofa_core.config import HEAD_POOLED, HyperNetConfig, axial_config_for
 from lofa_core.errors import CheckpointError, ConditionError, LoRAFormatError
 from lofa_core.factory import SMALL, new_hypernet
@@ -203,7 +203,7 @@ def test_predict_without_comfy_matches_direct_forward(tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", net, mixed_catalog(), SDXL_TEXT)
     ckpt = load_checkpoint(path)
     weights = {t.key: torch.randn(t.shape) for t in ckpt.catalog.targets}
-    cond = prepare_condition(torch.randn(1, 77, 2048), torch.randn(1, 1280), SDXL_TEXT)
+    cond = prepare_text_condition(torch.randn(1, 77, 2048), torch.randn(1, 1280), SDXL_TEXT)
     pred = predict(ckpt, ckpt.catalog.targets, lambda t: weights[t.key], cond, device=torch.device("cpu"),
                    dtype=torch.float32, chunk_size=1)
     assert len(pred.lora) == 3 and len(pred.response.maps) == 3
@@ -220,18 +220,18 @@ def test_predict_without_comfy_matches_direct_forward(tmp_path):
 def test_wan_condition_strips_comfy_padding_and_pads_to_512():
     cond = torch.zeros(1, 600, 4096)
     cond[0, :30] = torch.randn(30, 4096)
-    c = prepare_condition(cond, None, WAN_TEXT)
+    c = prepare_text_condition(cond, None, WAN_TEXT)
     assert c.tokens.shape == (512, 4096) and c.real_tokens == 30
     assert torch.equal(c.tokens[:30], cond[0, :30]) and not c.tokens[30:].any()
     long = torch.randn(1, 700, 4096)
-    assert prepare_condition(long, None, WAN_TEXT).tokens.shape == (512, 4096)
+    assert prepare_text_condition(long, None, WAN_TEXT).tokens.shape == (512, 4096)
     with pytest.raises(ConditionError, match="4096-wide.*umT5.*2048-wide.*SDXL"):
-        prepare_condition(torch.randn(1, 77, 2048), None, WAN_TEXT)
+        prepare_text_condition(torch.randn(1, 77, 2048), None, WAN_TEXT)
     with pytest.raises(ConditionError, match="all zeros"):
-        prepare_condition(torch.zeros(1, 512, 4096), None, WAN_TEXT)
+        prepare_text_condition(torch.zeros(1, 512, 4096), None, WAN_TEXT)
     with pytest.raises(ConditionError, match="pooled"):
-        prepare_condition(torch.randn(1, 77, 2048), None, SDXL_TEXT)
-    sdxl = prepare_condition(torch.randn(1, 154, 2048), torch.randn(1, 1280), SDXL_TEXT)
+        prepare_text_condition(torch.randn(1, 77, 2048), None, SDXL_TEXT)
+    sdxl = prepare_text_condition(torch.randn(1, 154, 2048), torch.randn(1, 1280), SDXL_TEXT)
     assert sdxl.tokens.shape == (154, 2048) and sdxl.pooled.shape == (1280,)
 
 

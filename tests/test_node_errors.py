@@ -271,14 +271,14 @@ def test_rank_above_the_checkpoints_is_reported(comfy, model_dirs, caplog):
 
 def test_predict_in_another_dtype_than_the_network_is_a_clear_error(comfy, model_dirs):
     from lofa_core.checkpoint import load_checkpoint
-    from lofa_core.conditioning import prepare_condition
+    from lofa_core.conditioning import prepare_text_condition
     from lofa_core.predict import predict as core_predict
 
     model = comfy.tiny_sdxl.build_model(seed=0)
     catalog = make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors")
     ckpt = load_checkpoint(model_dirs.lofa / "m.safetensors")  # float32
     weights = model.model_state_dict()
-    cond = prepare_condition(*[sdxl_conditioning()[0][0], sdxl_conditioning()[0][1]["pooled_output"]], SDXL_TEXT)
+    cond = prepare_text_condition(*[sdxl_conditioning()[0][0], sdxl_conditioning()[0][1]["pooled_output"]], SDXL_TEXT)
     with pytest.raises(ValueError, match="bfloat16.*'m.safetensors' is loaded in float32.*dtype=torch.bfloat16"):
         core_predict(ckpt, catalog.targets, lambda t: weights[t.key], cond, device=torch.device("cpu"),
                      dtype=torch.bfloat16)

@@ -17,7 +17,7 @@ from support import official_reference as ref
 from test_wan import wan_key_shapes
 
 from lofa_core.checkpoint import load_checkpoint
-from lofa_core.conditioning import prepare_condition
+from lofa_core.conditioning import prepare_text_condition
 from lofa_core.convert_official import convert, infer_config, load_official_state_dict, main, official_catalog
 from lofa_core.errors import CheckpointError, ModelFamilyError
 from lofa_core.families import build_catalog
@@ -139,7 +139,7 @@ def test_converted_model_matches_the_authors_forward(tmp_path):
     real = 20
     comfy_cond = torch.zeros(1, 600, 48)  # ComfyUI-style: longer than 512, exact zeros after the prompt
     comfy_cond[0, :real] = torch.randn(real, 48)
-    cond = prepare_condition(comfy_cond, None, ckpt.condition)
+    cond = prepare_text_condition(comfy_cond, None, ckpt.condition)
     pred = predict(ckpt, targets, lambda t: weights[t.key], cond, device=torch.device("cpu"), dtype=torch.float32,
                    chunk_size=3)
 
@@ -200,7 +200,7 @@ def test_fresh_heads_give_zero_lora_and_initial_alpha(tmp_path):
     _, _, p1, p2 = write_release(tmp_path, seed=7, fresh_heads=True)
     ckpt = load_checkpoint(convert(p1, p2, tmp_path / "fresh.safetensors"))
     targets = ckpt.catalog.targets[:3]
-    cond = prepare_condition(torch.randn(1, 512, 48), None, ckpt.condition)
+    cond = prepare_text_condition(torch.randn(1, 512, 48), None, ckpt.condition)
     pred = predict(ckpt, targets, lambda t: torch.randn(t.shape), cond, device=torch.device("cpu"),
                    dtype=torch.float32)
     for f in pred.lora.factors.values():

@@ -19,7 +19,7 @@ from support import tiny_wan
 from support.comfy_nodes import node
 
 from lofa_core.checkpoint import load_checkpoint
-from lofa_core.conditioning import prepare_condition
+from lofa_core.conditioning import prepare_text_condition
 from lofa_core.lora_formats import read_lora_state_dict
 from lofa_core.predict import predict
 from training.base_models import load_base_model
@@ -136,7 +136,7 @@ def test_build_from_the_lofa_prior_starts_at_the_prediction(suite, tmp_path):
     for sample in read_samples(tmp_path / "data"):
         tokens, pooled = load_embedding(sample.embedding)
         expected = predict(ckpt, ckpt.catalog.targets, lambda t: base.weight(t.path),
-                           prepare_condition(tokens, pooled, ckpt.condition), device=torch.device("cpu"),
+                           prepare_text_condition(tokens, pooled, ckpt.condition), device=torch.device("cpu"),
                            dtype=torch.float32).lora
         saved, _ = read_lora_state_dict(load_file(sample.lora), targets, source=sample.lora.name)
         for path, f in expected.factors.items():
@@ -166,7 +166,7 @@ def test_exported_checkpoint_predicts_through_the_node_graph(suite, comfy, model
         after = {k: v.clone() for k, v in patcher.model.state_dict().items()}
     finally:
         mm.unload_all_models()
-    condition = prepare_condition(cond, None, ckpt.condition)
+    condition = prepare_text_condition(cond, None, ckpt.condition)
     expected = predict(ckpt, ckpt.catalog.targets, lambda t: before[t.key], condition, device=torch.device("cpu"),
                        dtype=torch.float32)
     for path, f in expected.lora.factors.items():

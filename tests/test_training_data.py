@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lofa_core.conditioning import prepare_condition
+from lofa_core.conditioning import prepare_text_condition
 from lofa_core.families.sdxl import TEXT_CONDITION as SDXL_TEXT
 from lofa_core.families.wan import TEXT_CONDITION as WAN_TEXT
 from lofa_core.families.wan import comfy_to_diffusers_key
 from training import tiny_models
 from training.base_models import load_base_model, load_state_dict
-from training.conditions import SDXLClipTextEncoder
 from training.dataset import DatasetError, check_dataset
+from training.encoding import SDXLClipTextEncoder
 from training.runs import base_catalog
 
 
@@ -108,7 +108,7 @@ def test_sdxl_prompt_cache_equals_comfyui_conditioning(comfy, tmp_path):
         cond, comfy_pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
         torch.testing.assert_close(tokens, cond[0].float(), rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(pooled, comfy_pooled[0].float(), rtol=2e-3, atol=2e-3)
-        prepared = prepare_condition(tokens, pooled, SDXL_TEXT)
+        prepared = prepare_text_condition(tokens, pooled, SDXL_TEXT)
         assert prepared.tokens.shape == (77, 2048) and prepared.pooled.shape == (1280,)
 
 

@@ -9,13 +9,13 @@ import types
 import torch
 
 from lofa_core.checkpoint import LoFACheckpoint
-from lofa_core.conditioning import prepare_condition
+from lofa_core.conditioning import prepare_text_condition
 from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families import build_catalog
 from lofa_core.families.wan import TEXT_CONDITION
 from lofa_core.predict import predict
 from training.batches import batch_prompts, contexts_for, make_groups
-from training.stage2 import Frozen, stage1_features
+from training.stage2 import Frozen, frozen_stage1_features
 from training.untrained import randomise_lora_heads_
 
 DIM, BLOCKS = 64, 2
@@ -40,7 +40,7 @@ def test_training_forward_predicts_the_lora_that_predict_returns():
     for real in (5, 11):  # two prompts of different lengths: padding collapsed differently per sample
         tokens = torch.zeros(512, 4096)
         tokens[:real] = torch.randn(real, 4096)
-        conditions.append(prepare_condition(tokens, None, TEXT_CONDITION))
+        conditions.append(prepare_text_condition(tokens, None, TEXT_CONDITION))
 
     cpu = torch.device("cpu")
     items = [(s, t) for s in range(len(conditions)) for t in catalog.targets]
@@ -52,9 +52,9 @@ def test_training_forward_predicts_the_lora_that_predict_returns():
     with torch.no_grad():
         ctx1, ctx2 = prompts.encode(net.stage1), prompts.encode(net.stage2)
         for g in groups:
-            feats = stage1_features(frozen, g, ctx1, [types.SimpleNamespace(id=str(int(i))) for i in g.sample],
-                                     settings)
-            a, b, alpha = net.stage2(g.w, g.depth, g.kind, contexts_for(ctx2, g.sample), feats)
+            samples = [types.SimpleNamespace(id=str(int(i))) for i in g.sample]
+            features = frozen_stage1_features(frozen, g, ctx1, samples, settings)
+            a, b, alpha = net.stage2(g.w, g.depth, g.type_index, contexts_for(ctx2, g.sample), features)
             for m, t in enumerate(g.targets):
                 trained[int(g.sample[m]), t.path] = alpha[m].float() * (b[m].float() @ a[m].float())
 

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [f"init_from_lofa={args.init_from_lofa}"] if args.init_from_lofa else []
         print(build_loras(load_config(BuildConfig, args.config, args.set + extra)))
     elif args.command == "encode":
-        from .conditions import CLIPVisionFeatures, encode_dataset, load_text_encoder
+        from .encoding import CLIPVisionFeatures, encode_dataset, load_text_encoder
 
         cfg = EncodeConfig(dataset=args.dataset, text_encoder=args.text_encoder or "",
                            family=get_family(args.family).name)

@@ -22,7 +22,7 @@ class ShapeGroup:
     sample: torch.Tensor  # [M] index into the batch's samples
     w: torch.Tensor  # [M, out, in] base weights
     depth: torch.Tensor
-    kind: torch.Tensor
+    type_index: torch.Tensor
     extra: dict  # per-matrix tensors of the stage (response targets, dW targets, Stage-I features)
 
 
@@ -40,7 +40,7 @@ def make_groups(items: list[tuple[int, Target]], weights: dict[str, torch.Tensor
             sample=torch.tensor([items[i][0] for i in rows], device=device),
             w=torch.stack([weights[t.path] for t in targets]).to(device),
             depth=torch.tensor([t.depth for t in targets], device=device),
-            kind=torch.tensor([t.type_index for t in targets], device=device),
+            type_index=torch.tensor([t.type_index for t in targets], device=device),
             extra={name: torch.stack([values[i] for i in rows]).to(device) for name, values in (extra or {}).items()},
         ))
     return groups

@@ -95,7 +95,7 @@ class BuildConfig:
 
     tasks: str = ""  # tasks.json[l]: [{"group", "prompt", "latents", "split"}]
     base_model: str = ""
-    text_encoder: str = ""  # local folder(s) of the base model's text encoder (see training.conditions)
+    text_encoder: str = ""  # local folder(s) of the base model's text encoder (see training.encoding)
     out: str = ""  # dataset folder to write
     rank: int = 32
     steps: int = 1000

@@ -33,9 +33,9 @@ from safetensors.torch import load_file
 from lofa_core.conditioning import (
     Condition,
     ConditionSpec,
-    prepare_condition,
     prepare_image_condition,
     prepare_pose_condition,
+    prepare_text_condition,
 )
 from lofa_core.errors import LoFAError
 from lofa_core.fileio import load_torch_weights_only
@@ -199,7 +199,7 @@ def load_heldout_latents(path: Path) -> torch.Tensor | None:
 def load_frames(path: Path) -> torch.Tensor:
     """Pose frames [T, H, W, 3] in [0, 1] from a .safetensors ("frames") or a folder of frame images."""
     if path.is_dir():
-        from .conditions import load_image
+        from .encoding import load_image
 
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         if not files:
@@ -281,7 +281,7 @@ def _condition_problems(s: Sample, spec: ConditionSpec) -> list[str]:
                         "encode --image-encoder ... --image-encoder-2 ...`"]
             image_condition(s, spec)
         else:
-            prepare_condition(*load_embedding(s.embedding), spec)
+            prepare_text_condition(*load_embedding(s.embedding), spec)
     except READ_ERRORS as err:
         return [f"condition {s.embedding.name if s.embedding else s.frames} is unusable: {err}"]
     return []
@@ -300,7 +300,7 @@ def _caption_problems(s: Sample, spec: ConditionSpec) -> list[str]:
     if not s.caption.exists():
         return [f"caption embedding {s.caption.name} is missing (run `python -m training encode`)"]
     try:
-        prepare_condition(*load_embedding(s.caption), spec)
+        prepare_text_condition(*load_embedding(s.caption), spec)
     except READ_ERRORS as err:
         return [f"caption embedding {s.caption.name} is unusable: {err}"]
     return []
@@ -364,14 +364,14 @@ class SampleStore:
             elif kind == "image":
                 cond = image_condition(sample, self.spec)
             else:
-                cond = prepare_condition(*load_embedding(sample.embedding), self.spec)
+                cond = prepare_text_condition(*load_embedding(sample.embedding), self.spec)
             self._conditions[sample.id] = cond
         return self._conditions[sample.id]
 
     def caption(self, sample: Sample) -> Condition:
         """The text the base model sees for this sample in the diffusion loss."""
         if sample.id not in self._captions:
-            self._captions[sample.id] = prepare_condition(*load_embedding(sample.caption), self.caption_spec)
+            self._captions[sample.id] = prepare_text_condition(*load_embedding(sample.caption), self.caption_spec)
         return self._captions[sample.id]
 
     def latents(self, sample: Sample) -> torch.Tensor:

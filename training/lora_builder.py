@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from lofa_core.checkpoint import load_checkpoint
-from lofa_core.conditioning import prepare_condition
+from lofa_core.conditioning import prepare_text_condition
 from lofa_core.families import get_family
 from lofa_core.fileio import save_safetensors
 from lofa_core.lora_formats import LoRAFactors, PredictedLoRA, to_state_dict
@@ -32,9 +32,9 @@ from lofa_core.targets import check_compatible
 
 from .base_models import BaseModel, load_base_model, make_captions
 from .baselines import shared_energy
-from .conditions import encode_prompts, load_text_encoder, write_metadata
 from .config import BuildConfig
 from .dataset import SPLITS, SampleStore, load_embedding, load_latents, read_samples
+from .encoding import encode_prompts, load_text_encoder, write_metadata
 from .injection import inject
 from .trainer import lr_factor
 
@@ -82,7 +82,7 @@ def build_loras(cfg: BuildConfig) -> Path:
     with tqdm(total=chunks * cfg.steps, desc=f"LoRAs ({len(pending)} groups, {chunk} at a time)", unit="step") as bar:
         for start in range(0, len(pending), chunk):
             part = pending[start:start + chunk]
-            conditions = [prepare_condition(*load_embedding(cond_files[t["prompt"]]), spec) for t in part]
+            conditions = [prepare_text_condition(*load_embedding(cond_files[t["prompt"]]), spec) for t in part]
             latents = [load_latents(out / "latents" / f"{t['group']}.safetensors").float() for t in part]
             start = (lofa_initial_factors(cfg.init_from_lofa, base,
                                           [load_embedding(cond_files[t["prompt"]]) for t in part], cfg.rank,
@@ -153,7 +153,7 @@ def lofa_initial_factors(checkpoint: str | Path, base: BaseModel, prompts: list[
     factors = initial_factors(base, rank, len(prompts), seed, device, init)
     with torch.no_grad():
         for g, (tokens, pooled) in enumerate(prompts):
-            condition = prepare_condition(tokens, pooled, ckpt.condition)
+            condition = prepare_text_condition(tokens, pooled, ckpt.condition)
             lora = predict(ckpt, ckpt.catalog.targets, lambda t: base.weight(t.path), condition,
                            device=torch.device(device), dtype=torch.float32).lora
             for path, f in lora.factors.items():

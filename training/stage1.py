@@ -32,7 +32,7 @@ class Stage1Objective(nn.Module):
         ctx = prompts.encode(self.net)
         bce_sum, elements, l2, matrices = 0.0, 0, 0.0, 0
         for g in groups:
-            tokens, logits = self.net.forward_features(g.w, g.depth, g.kind, contexts_for(ctx, g.sample))
+            tokens, logits = self.net.forward_features(g.w, g.depth, g.type_index, contexts_for(ctx, g.sample))
             bce_sum = bce_sum + F.binary_cross_entropy_with_logits(logits, g.extra["target"], reduction="sum")
             elements += g.extra["target"].numel()
             if self.l2_penalty and hasattr(self.net, "head_A"):  # the authors' penalty on the response factors

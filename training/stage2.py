@@ -35,7 +35,7 @@ class Frozen:
     def __init__(self, stage1: Stage1Net | None, base: BaseModel | None) -> None:
         self.stage1 = stage1.eval().requires_grad_(False) if stage1 is not None else None
         self.base = base
-        self.features: dict[tuple[str, str], torch.Tensor] = {}
+        self.feature_cache: dict[tuple[str, str], torch.Tensor] = {}  # Stage-I features per (sample, target)
 
 
 class Stage2Objective(nn.Module):
@@ -57,7 +57,8 @@ class Stage2Objective(nn.Module):
             scale = (sum(g.extra["delta"].abs().sum() for g in groups)
                      / sum(g.extra["delta"].numel() for g in groups)).clamp_min(1e-12)
         for g in groups:
-            a, b, alpha = self.net(g.w, g.depth, g.kind, contexts_for(ctx, g.sample), g.extra.get("features"))
+            a, b, alpha = self.net(g.w, g.depth, g.type_index, contexts_for(ctx, g.sample),
+                                   g.extra.get("stage1_features"))
             pred = alpha.float().unsqueeze(-1) * torch.bmm(b.float(), a.float())
             gt = g.extra["delta"]
             err = (pred - gt).abs()
@@ -134,7 +135,8 @@ def stage2_batch(store: SampleStore, train: list, weights: dict[str, torch.Tenso
         with torch.no_grad():
             ctx1 = prompts.encode(frozen.stage1)
             for g in groups:
-                g.extra["features"] = stage1_features(frozen, g, ctx1, [chosen[int(s)] for s in g.sample], cfg)
+                samples = [chosen[int(s)] for s in g.sample]
+                g.extra["stage1_features"] = frozen_stage1_features(frozen, g, ctx1, samples, cfg)
     latents = []
     for sample in chosen:
         pool = store.latents(sample)
@@ -142,13 +144,13 @@ def stage2_batch(store: SampleStore, train: list, weights: dict[str, torch.Tenso
     return groups, prompts, torch.stack(latents).to(device)
 
 
-def stage1_features(frozen: Frozen, g: ShapeGroup, ctx1, samples: list, cfg: Stage2Config):
+def frozen_stage1_features(frozen: Frozen, g: ShapeGroup, ctx1, samples: list, cfg: Stage2Config):
     """Frozen Stage-I final tokens for a group, optionally memoised per (sample, target) on the CPU."""
     keys = [(s.id, t.path) for s, t in zip(samples, g.targets)]
-    if cfg.cache_stage1_features and all(k in frozen.features for k in keys):
-        return torch.stack([frozen.features[k] for k in keys]).to(g.w.device)
-    feats = frozen.stage1.forward_features(g.w, g.depth, g.kind, contexts_for(ctx1, g.sample), logits=False)[0]
+    if cfg.cache_stage1_features and all(k in frozen.feature_cache for k in keys):
+        return torch.stack([frozen.feature_cache[k] for k in keys]).to(g.w.device)
+    features = frozen.stage1.forward_features(g.w, g.depth, g.type_index, contexts_for(ctx1, g.sample), logits=False)[0]
     if cfg.cache_stage1_features:
-        for k, f in zip(keys, feats):
-            frozen.features[k] = f.cpu()
-    return feats
+        for k, f in zip(keys, features):
+            frozen.feature_cache[k] = f.cpu()
+    return features

@@ -188,8 +188,8 @@ def make_condition_dataset(text_dataset: Path, kind: str, out: Path, image_encod
     `image_encoder_2` each image also gets the second encoder's features (for a mixing model)."""
     from PIL import Image
 
-    from .conditions import CLIPVisionFeatures, encode_dataset, write_metadata
     from .dataset import read_records
+    from .encoding import CLIPVisionFeatures, encode_dataset, write_metadata
 
     out.mkdir(parents=True, exist_ok=True)
     rel = Path("..") / text_dataset.name
@@ -233,16 +233,16 @@ def pretrain_base(base_model: Path, tasks: Path, text_encoder: str, out: Path, s
     """
     from tqdm import tqdm
 
-    from lofa_core.conditioning import prepare_condition
+    from lofa_core.conditioning import prepare_text_condition
 
     from .base_models import load_base_model, make_captions
-    from .conditions import load_text_encoder
     from .dataset import load_latents
+    from .encoding import load_text_encoder
     from .lora_builder import read_tasks
 
     base = load_base_model(base_model)
     tokens, pooled = load_text_encoder(text_encoder, base.family).encode(GENERIC_CAPTION)
-    caption = prepare_condition(tokens, pooled, get_family(base.family).text_condition)
+    caption = prepare_text_condition(tokens, pooled, get_family(base.family).text_condition)
     pool = torch.cat([load_latents(tasks.parent / t["latents"]).float() for t in read_tasks(tasks)
                       if t.get("split", "train") == "train"])
     captions = make_captions([caption.tokens], None if caption.pooled is None else [caption.pooled],

@@ -2,7 +2,7 @@
 
 ComfyUI recognises CLIP vision files only by the layer counts of ViT-L/H/G, so `register()` teaches its loader
 this tiny 3-layer configuration too (used by the test server's helper node; real models never need it). The
-same weights are also written as a transformers folder, so `training.conditions.CLIPVisionFeatures` can be
+same weights are also written as a transformers folder, so `training.encoding.CLIPVisionFeatures` can be
 checked against ComfyUI's CLIP Vision Encode.
 """
 

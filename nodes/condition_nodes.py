@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lofa_core.conditioning import IMAGE_FEATURES, KIND_IMAGE, KIND_POSE, KIND_TEXT, Condition, prepare_any
+from ..lofa_core.conditioning import IMAGE_FEATURES, KIND_IMAGE, KIND_POSE, KIND_TEXT, Condition, prepare_condition
 from ..lofa_core.errors import ConditionError
 
 CATEGORY = "LoFA"
@@ -29,7 +29,7 @@ class LoFACondition:
     frames: torch.Tensor | None = None
 
     def prepare(self, spec) -> Condition:
-        return prepare_any(spec, self.kind, tokens=self.tokens, pooled=self.pooled, image=self.image,
+        return prepare_condition(spec, self.kind, tokens=self.tokens, pooled=self.pooled, image=self.image,
                            image_2=self.image_2, frames=self.frames)
 
 

@@ -1,7 +1,7 @@
 """The condition cache: prompts encoded once, stored exactly as ComfyUI's CONDITIONING would hold them.
 
 * WAN: umT5-XXL (`UMT5EncoderModel`) on the prompt plus its EOS token, untruncated; the rows are ComfyUI's
-  CONDITIONING rows before its zero padding (which `prepare_condition` re-creates identically at inference).
+  CONDITIONING rows before its zero padding (which `prepare_text_condition` re-creates identically at inference).
 * SDXL: CLIP-L and CLIP-G penultimate hidden states (no final LayerNorm) over 77 tokens, concatenated to
   [77, 2048], plus CLIP-G's projected pooled embedding [1280], as ComfyUI's SDXL CLIP gives them.
 
