@@ -5,9 +5,17 @@ from __future__ import annotations
 import math
 
 from ..lofa_core.errors import LoFAError, LoRAFormatError
-from ..lofa_core.lora_formats import check_finite, check_lora_shapes, fold_scale, read_lora_state_dict
+from ..lofa_core.families import family_of_module_paths
+from ..lofa_core.lora_formats import (
+    PredictedLoRA,
+    check_finite,
+    check_lora_shapes,
+    read_lora_state_dict,
+    to_file_state_dict,
+)
+from ..lofa_core.lora_keys import STYLE_COMFYUI
 from ..lofa_core.targets import COMFY_PREFIX
-from .comfy_compat import add_patches_checked, make_lora_patch, model_weight_shapes
+from .comfy_compat import add_patches_checked, lora_patches, model_weight_shapes
 
 CATEGORY = "LoFA"
 
@@ -49,8 +57,8 @@ class LoFAApplyLoRA:
             raise LoRAFormatError("The LORA_MODEL is empty; connect the lora output of LoFA Predict LoRA.")
         check_lora_shapes(factors, shapes, "the LORA_MODEL")
         check_finite(factors, "the LORA_MODEL")
-        # The factors exactly as LoFA Save LoRA writes them (scale folded in, alpha 1): the model sampled here and
-        # one patched by any loader from the saved float32 file are the same, bit for bit.
-        folded = {path: fold_scale(f) for path, f in factors.items()}
-        patches = {f"{COMFY_PREFIX}{path}.weight": make_lora_patch(f.up, f.down, 1.0) for path, f in folded.items()}
-        return (add_patches_checked(model, patches, strength_model),)
+        # The tensors exactly as LoFA Save LoRA writes them (scale folded in, alpha 1), patched the way ComfyUI's
+        # loaders patch that file: the model sampled here and one patched by any loader from the saved float32
+        # file are the same, bit for bit.
+        lora_tensors = to_file_state_dict(PredictedLoRA(family_of_module_paths(factors).name, factors), STYLE_COMFYUI)
+        return (add_patches_checked(model, lora_patches(lora_tensors, factors), strength_model),)

@@ -1,9 +1,9 @@
 """Everything that touches ComfyUI internals, written to work on March-2024 and 2025-26 ComfyUI alike.
 
-Version differences handled here (see comfyui-internals notes): the LoRA patch value (`LoRAAdapter` since
-April 2025, a tuple before), `add_patches` return values, the shape of `ModelPatcher.backup` entries, reading a
-stored weight (`get_key_weight` and its convert function since late 2024), and `load_models_gpu` keyword
-arguments.
+Version differences handled here (see comfyui-internals notes): LoRA patches are built by ComfyUI's own
+`comfy.lora.load_lora` (a `LoRAAdapter` since April 2025, a tuple before), `add_patches` return values, the
+shape of `ModelPatcher.backup` entries, reading a stored weight (`get_key_weight` and its convert function since
+late 2024), and `load_models_gpu` keyword arguments.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
@@ -23,6 +25,7 @@ from ..lofa_core.checkpoint import LoFACheckpoint
 from ..lofa_core.errors import LoFAError
 from ..lofa_core.gguf_weights import dequantize as dequantize_gguf
 from ..lofa_core.gguf_weights import is_gguf_tensor, logical_shape
+from ..lofa_core.targets import COMFY_PREFIX
 
 log = logging.getLogger("ComfyUI-LoFA")
 
@@ -33,12 +36,6 @@ try:  # ComfyUI since late 2024: a layer's stored weight plus the function that 
     from comfy.model_patcher import get_key_weight as _get_key_weight
 except ImportError:
     _get_key_weight = None
-
-try:  # ComfyUI >= April 2025 (PR #7540): weight adapters; the tuple form is ignored there.
-    from comfy.weight_adapter import LoRAAdapter
-except ImportError:  # older ComfyUI: ("lora", tuple) patches
-    LoRAAdapter = None
-
 
 def register_model_folder() -> None:
     """Add `models/lofa`, keeping paths that extra_model_paths.yaml already added."""
@@ -57,12 +54,15 @@ def register_model_folder() -> None:
         pass
 
 
-def make_lora_patch(up: torch.Tensor, down: torch.Tensor, alpha: float | None):
-    """A patch value meaning `(alpha / rank) * up @ down` (alpha None = scale 1) on any ComfyUI version."""
-    weights = (up, down, alpha, None, None, None)  # mid, dora_scale, reshape: unused
-    if LoRAAdapter is not None:
-        return LoRAAdapter(set(), weights)
-    return ("lora", weights)
+def lora_patches(tensors: Mapping[str, torch.Tensor], paths: Iterable[str]) -> dict:
+    """ComfyUI's own patches for a LoRA in ComfyUI key names (`diffusion_model.<path>.lora_up.weight`, `...down...`,
+    `.alpha`), made by `comfy.lora.load_lora` as its LoRA loaders make them; every path must yield one."""
+    to_load = {f"{COMFY_PREFIX}{p}": f"{COMFY_PREFIX}{p}.weight" for p in paths}
+    patches = comfy.lora.load_lora(tensors, to_load)
+    missing = [key for key in to_load.values() if key not in patches]
+    if missing:
+        raise LoFAError(f"ComfyUI made no LoRA patch for {len(missing)} of {len(to_load)} layers (e.g. {missing[:3]}).")
+    return patches
 
 
 def add_patches_checked(model, patches: dict, strength: float):

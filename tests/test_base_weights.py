@@ -73,9 +73,11 @@ def test_merged_patches_are_read_from_the_backup(comfy, model_dirs):
     catalog = make_checkpoint(comfy, model, model_dirs.lofa / "m.safetensors", seed=8)
     original = {t.key: comfy_utils.get_attr(model.model, t.key).detach().clone() for t in catalog.targets}
     gen = torch.Generator().manual_seed(0)
-    patches = {t.key: compat.make_lora_patch(torch.randn(t.out_features, 2, generator=gen),
-                                             torch.randn(2, t.in_features, generator=gen), None)
-               for t in catalog.targets}
+    tensors = {}
+    for t in catalog.targets:
+        tensors[f"diffusion_model.{t.path}.lora_up.weight"] = torch.randn(t.out_features, 2, generator=gen)
+        tensors[f"diffusion_model.{t.path}.lora_down.weight"] = torch.randn(2, t.in_features, generator=gen)
+    patches = compat.lora_patches(tensors, [t.path for t in catalog.targets])
     other_lora = compat.add_patches_checked(model, patches, 0.5)
     conditioning = sdxl_conditioning(seed=3)
     unpatched = fresh_prediction(comfy, model, "m.safetensors", conditioning)
