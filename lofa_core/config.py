@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 HEAD_POOLED = "pooled"
 HEAD_AXIAL = "axial"
@@ -60,7 +60,6 @@ class HyperNetConfig:
     temperature: float = 0.1
     cross_attn_idxs: tuple[int, ...] = ()  # Stage-II only: inject Stage-I features after these blocks
     alpha_init: float = 1e-3  # Stage-II only: alpha = softplus(bias) starts here
-    extra: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head_shape", tuple(int(v) for v in self.head_shape))
@@ -103,10 +102,6 @@ class HyperNetConfig:
             out.append("pose_size must be divisible by 16 and pose_frames positive")
         return out
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     def grid(self, out_features: int, in_features: int) -> tuple[int, int]:
         """Patch-grid size of an (out, in) matrix (padded up to whole patches)."""
         return math.ceil(out_features / self.patch_size), math.ceil(in_features / self.patch_size)
@@ -126,11 +121,12 @@ class HyperNetConfig:
         data = dataclasses.asdict(self)
         data["head_shape"] = list(self.head_shape)
         data["cross_attn_idxs"] = list(self.cross_attn_idxs)
-        data["extra"] = dict(self.extra)
         return data
 
     @classmethod
     def from_json(cls, data: Mapping) -> HyperNetConfig:
+        data = dict(data)
+        data.pop("extra", None)  # an unused field that checkpoints written before 2026-12 carry
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -119,6 +119,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_config_round_trip_and_validation():
     cfg = axial_config_for(MIXED, stage=2, num_depths=3, num_types=2, d_model=32, n_heads=4, n_blocks=4)
     assert HyperNetConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    assert HyperNetConfig.from_json({**cfg.to_json(), "extra": {}}) == cfg  # checkpoints written before 2026-12
+    with pytest.raises(ValueError, match=r"unknown hypernetwork config field\(s\) \['future'\]"):
+        HyperNetConfig.from_json({**cfg.to_json(), "future": 1})
     assert cfg.cross_attn_idxs == (1, 3)
     with pytest.raises(ValueError, match="not divisible"):
         HyperNetConfig(d_model=30, n_heads=4)
