@@ -68,6 +68,20 @@ def test_ground_truth_loras_are_task_specific(suite):
     assert report["stage2"]["test"]["latents_held_out"] == 1.0
 
 
+def test_noise_ceiling_is_another_run_of_the_same_tasks(suite):
+    """The report scores a second LoRA of each held-out task (another training run) like the predictions: it is
+    nearest to its own task's LoRA and closes more of the loss gap than the mean LoRA, so the ceiling measures
+    what a task determines; and it is printed next to the goals."""
+    workdir, report = suite
+    ceiling = report["ceiling"]["test"]
+    assert ceiling["tasks"] == 6 and ceiling["retrieval_heldout"] >= 5 / 6, ceiling
+    assert ceiling["gap_pred"] > ceiling["gap_mean"], ceiling
+    replicates = read_samples(workdir / "dataset_replicate")
+    assert sorted(s.id for s in replicates) == sorted(s.id for s in read_samples(workdir / "dataset")
+                                                      if s.split != "train")
+    assert "another LoRA of the same task" in (workdir / "report.md").read_text()
+
+
 def test_held_out_predictions_beat_the_constant_baselines(suite):
     """On test tasks the task-specific part of the prediction resembles the task's LoRA's, and the prediction
     closes more of the diffusion-loss gap than the mean LoRA, the norm-matched constant LoRA and another task's

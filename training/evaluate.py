@@ -17,7 +17,7 @@ Predictions come from `lofa_core.predict.predict`, the function the ComfyUI node
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -73,24 +73,38 @@ def evaluate(model: LoFACheckpoint, store: SampleStore, samples: Sequence[Sample
     for n in nets:
         n.eval()
     try:
-        scores: dict[str, list[float]] = defaultdict(list)
-        predictions: list[PredictedLoRA] = []
-        for sample in samples:
-            maps, lora = predict_task(model, store, sample, weights, device)
-            _weight_space_scores(scores, store, sample, weights, baselines, maps, lora, model.tau)
-            if lora is not None:
-                predictions.append(lora)
-        out = {k: _mean(v) for k, v in scores.items()}
-        if predictions:
-            out |= retrieval(store, samples, predictions, baselines, retrieval_pool)
-            if base is not None:
-                out |= diffusion_gaps(base, store, samples, predictions, baselines, seed, latents_per_task,
-                                      noise_draws)
-        out["tasks"] = float(len(samples))
-        return out
+        return score_predictions(lambda s: predict_task(model, store, s, weights, device), store, samples, weights,
+                                 baselines, model.tau, base=base, retrieval_pool=retrieval_pool, seed=seed,
+                                 latents_per_task=latents_per_task, noise_draws=noise_draws)
     finally:
         for n, mode in zip(nets, modes):
             n.train(mode)
+
+
+Predictor = Callable[[Sample], tuple[dict[str, torch.Tensor] | None, PredictedLoRA | None]]
+
+
+@torch.no_grad()
+def score_predictions(predictor: Predictor, store: SampleStore, samples: Sequence[Sample],
+                      weights: Mapping[str, torch.Tensor], baselines: Baselines, tau: float, *,
+                      base: BaseModel | None = None, retrieval_pool: Sequence[Sample] = (), seed: int = 0,
+                      latents_per_task: int = 8, noise_draws: int = 4) -> dict[str, float]:
+    """The held-out metrics of any predictor of (response maps, LoRA) per task: a LoFA model, or another LoRA of
+    the same task (`ceiling.py`)."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    predictions: list[PredictedLoRA] = []
+    for sample in samples:
+        maps, lora = predictor(sample)
+        _weight_space_scores(scores, store, sample, weights, baselines, maps, lora, tau)
+        if lora is not None:
+            predictions.append(lora)
+    out = {k: _mean(v) for k, v in scores.items()}
+    if predictions:
+        out |= retrieval(store, samples, predictions, baselines, retrieval_pool)
+        if base is not None:
+            out |= diffusion_gaps(base, store, samples, predictions, baselines, seed, latents_per_task, noise_draws)
+    out["tasks"] = float(len(samples))
+    return out
 
 
 def _weight_space_scores(scores, store: SampleStore, sample: Sample, weights, baselines: Baselines, maps, lora,

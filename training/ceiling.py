@@ -1,0 +1,69 @@
+"""The noise ceiling: how well another LoRA trained for the very same task predicts its ground-truth LoRA.
+
+A task's LoRA is one draw of a noisy training run: another run on the same clips and prompt (other noise,
+timesteps and batch order, `seed + 1`, `init_seed + 1`) gives a somewhat different LoRA and response map. Scored
+with the held-out metrics of `evaluate.py`, that second LoRA shows how much of each metric is the task and how
+much is one run's noise: a hypernetwork that knows the task exactly but not the run's noise scores about the
+same (an average over many runs would score a little higher). Goals above the ceiling ask for the noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from lofa_core.lora_formats import PredictedLoRA
+from lofa_core.response import response_map
+
+from .config import BuildConfig, Stage2Config
+from .dataset import SampleStore, read_samples
+from .evaluate import score_predictions
+
+REPLICATE_DIR = "dataset_replicate"
+
+
+def heldout_tasks(tasks: Path, out: Path) -> Path:
+    """The held-out (`val` and `test`) lines of a tasks.jsonl, with latents paths made absolute."""
+    lines = []
+    for line in tasks.read_text().splitlines():
+        if line.strip():
+            task = json.loads(line)
+            if task.get("split", "train") != "train":
+                task["latents"] = str((tasks.parent / task["latents"]).resolve())
+                lines.append(json.dumps(task))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(f"{line}\n" for line in lines))
+    return out
+
+
+def replicate_build(build: BuildConfig, tasks: Path, out: Path) -> BuildConfig:
+    """The same LoRA training for the held-out tasks in `tasks`, as another run: other seeds."""
+    return dataclasses.replace(build, tasks=str(tasks), out=str(out), seed=build.seed + 1,
+                               init_seed=build.init_seed + 1)
+
+
+def ceiling_scores(run: Stage2Config, replicates: Path, tau: float) -> dict[str, dict]:
+    """{"val": metrics, "test": metrics} of each held-out task's replicate LoRA against its ground truth, with the
+    same baselines, samples, latents and noise as the run's own final evaluation."""
+    from .base_models import load_base_model
+    from .runs import Data
+
+    data = Data(run, need_latents=True)
+    store = SampleStore(replicates, read_samples(replicates), data.catalog, data.spec)
+    base = load_base_model(run.base_model, run.target_groups)
+    base.shift = run.flow_shift
+
+    def predictor(sample):
+        factors = store.factors(store.by_id[sample.id])
+        maps = {p: response_map(f.delta(), data.weights[p].float(), tau) for p, f in factors.items()}
+        return maps, PredictedLoRA(data.catalog.family, factors)
+
+    out = {}
+    for name, samples in (("val", data.val), ("test", data.test)):
+        samples = [s for s in samples[: run.eval_samples] if s.id in store.by_id]
+        if samples:
+            scores = score_predictions(predictor, data.store, samples, data.weights, data.baselines(tau), tau,
+                                       base=base, seed=run.seed, retrieval_pool=data.train[: run.eval_samples])
+            out[name] = {k: round(v, 4) for k, v in scores.items()}
+    return out
