@@ -6,7 +6,6 @@ from .targets import COMFY_PREFIX
 
 STYLE_COMFYUI = "comfyui"  # diffusion_model.<path>.lora_up.weight (ComfyUI LoraSave / TrainLoraNode)
 STYLE_KOHYA = "kohya"  # lora_unet_<path_with_underscores>.lora_up.weight (also loads on 2024 ComfyUI)
-STYLES = (STYLE_COMFYUI, STYLE_KOHYA)
 
 
 def lora_base_name(path: str, style: str) -> str:
