@@ -316,7 +316,7 @@ def goals(report: dict) -> list[Goal]:
     tasks = int(s2.get("tasks", 0))
     add("retrieval: own task nearest among the test tasks >= 5/6",
         f"{round(s2['retrieval_heldout'] * tasks)}/{tasks}", round(s2["retrieval_heldout"] * tasks) >= 5 / 6 * tasks)
-    add("diffusion gap closed >= 0.8", f"{s2['gap_pred']:.2f}{noise('gap_pred', 2)}", s2["gap_pred"] >= 0.8)
+    add("diffusion gap closed >= 0.8", f"{s2['gap_pred']:.3f}{noise('gap_pred')}", s2["gap_pred"] >= 0.8)
     add("mean LoRA and norm-matched constant LoRA close <= 0.5",
         f"{s2['gap_mean']:.2f} / {s2['gap_constant']:.2f}", max(s2["gap_mean"], s2["gap_constant"]) <= 0.5)
     add("task-swap control clearly below the prediction (by >= 0.25)",
