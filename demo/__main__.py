@@ -244,7 +244,7 @@ def held_out_summary(report: dict, prompt: str) -> str:
         f"  diffusion loss gap closed {s2['gap_pred']:.2f}   (1 = the task's own trained LoRA; mean LoRA "
         f"{s2['gap_mean']:.2f}, norm-matched constant {s2['gap_constant']:.2f}, another task's LoRA "
         f"{s2['gap_swap']:.2f})",
-        *([f"  for scale, another LoRA trained for the same task (a second run): map {c['map_cos']:.3f}, dW "
+        *([f"  for scale, another LoRA of the same task (fresh clips, a second run): map {c['map_cos']:.3f}, dW "
            f"{c['dw_cos_centered']:.3f}, retrieved first {c['retrieval_heldout']:.2f}, gap closed {c['gap_pred']:.2f}"]
           if (c := report.get("ceiling", {}).get("test")) else []),
         "  goals not met: " + "; ".join(failed) if failed else "  every goal of the suite is met",

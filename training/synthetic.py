@@ -41,6 +41,7 @@ TEST = {("pale", "rings", 1), ("vivid", "stripes", 2), ("warm", "checks", 0), ("
         ("vivid", "columns", 0), ("warm", "stripes", 1)}
 AMPLITUDE = {"pale": 0.4, "vivid": 1.6, "warm": 1.0, "cool": 1.2, "deep": 0.7}
 TRAIN_CLIPS, HELD_OUT_CLIPS = 16, 8
+FRESH_CLIPS_SEED = 10_000  # `make_tasks(seed=...)` for newly drawn clips of the same tasks (the noise ceiling)
 PHASE_JITTER = 0.3  # radians: clips of one task vary a little around its pattern
 
 
