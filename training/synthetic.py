@@ -30,8 +30,8 @@ PATTERNS = ("stripes", "columns", "checks", "rings", "diagonals")
 PALETTES = ("pale", "vivid", "warm")  # which channels carry the pattern, and how strongly
 # more words for a larger grid of training tasks (suite setting tasks.palettes / tasks.patterns); the held-out
 # tasks stay the same, so a larger grid only adds training tasks
-EXTRA_PATTERNS = ("waves",)
-EXTRA_PALETTES = ("cool", "deep")
+EXTRA_PATTERNS = ("waves", "spots", "grid")
+EXTRA_PALETTES = ("cool", "deep", "dim", "bright")
 MOTIONS = ("still", "drifting", "flickering")  # WAN (video latents have a time axis)
 INTENSITIES = ("faint", "bold", "inverted")  # SDXL (images)
 # whole tasks held out, each palette twice and each motion/intensity twice per split
@@ -39,7 +39,7 @@ VAL = {("pale", "columns", 0), ("vivid", "diagonals", 1), ("warm", "rings", 0), 
        ("vivid", "checks", 2), ("warm", "diagonals", 2)}
 TEST = {("pale", "rings", 1), ("vivid", "stripes", 2), ("warm", "checks", 0), ("pale", "diagonals", 2),
         ("vivid", "columns", 0), ("warm", "stripes", 1)}
-AMPLITUDE = {"pale": 0.4, "vivid": 1.6, "warm": 1.0, "cool": 1.2, "deep": 0.7}
+AMPLITUDE = {"pale": 0.4, "vivid": 1.6, "warm": 1.0, "cool": 1.2, "deep": 0.7, "dim": 0.5, "bright": 1.4}
 TRAIN_CLIPS, HELD_OUT_CLIPS = 16, 8
 FRESH_CLIPS_SEED = 10_000  # `make_tasks(seed=...)` for newly drawn clips of the same tasks (the noise ceiling)
 PHASE_JITTER = 0.3  # radians: clips of one task vary a little around its pattern
@@ -60,17 +60,25 @@ def _pattern(name: str, size: int, phase: float) -> torch.Tensor:
         return torch.sin(1.5 * k * ((y - c) ** 2 + (x - c) ** 2).sqrt() + phase)
     if name == "waves":
         return torch.sin(k * y + 1.5 * torch.sin(k * x) + phase)
+    if name == "spots":
+        return torch.sin(2 * k * y + phase) * torch.sin(2 * k * x + phase) * 1.5
+    if name == "grid":
+        return (torch.sin(2 * k * y + phase) + torch.sin(2 * k * x + phase)) / 1.4
     return torch.sin(k * (x + y) / 1.4 + phase)
 
 
 def channel_weights(palette: str, channels: int) -> torch.Tensor:
     """How strongly each latent channel carries the pattern: pale the first half, vivid the second, warm the even
-    channels, cool the odd ones, deep the middle half, each at its own amplitude."""
+    channels, cool the odd ones, deep the middle half, dim the outer quarters, bright every third channel from the
+    second, each at its own amplitude."""
     weights = torch.zeros(channels)
     half = channels // 2
     index = {"pale": slice(0, half), "vivid": slice(half, channels), "warm": slice(0, channels, 2),
-             "cool": slice(1, channels, 2), "deep": slice(channels // 4, channels - channels // 4)}[palette]
+             "cool": slice(1, channels, 2), "deep": slice(channels // 4, channels - channels // 4),
+             "bright": slice(1, channels, 3), "dim": slice(0, channels // 4)}[palette]
     weights[index] = AMPLITUDE[palette]
+    if palette == "dim":
+        weights[channels - channels // 4:] = AMPLITUDE[palette]
     return weights
 
 
@@ -141,7 +149,8 @@ def make_tasks(folder: Path, family: str, seed: int = 0, palettes: tuple[str, ..
 
 # -- image and pose variants of the suite: the same tasks, told by a picture or a pose sequence ---------------
 COLORS = {"pale": (0.72, 0.80, 0.95), "vivid": (0.95, 0.22, 0.10), "warm": (0.95, 0.62, 0.15),
-          "cool": (0.20, 0.55, 0.95), "deep": (0.25, 0.15, 0.45)}
+          "cool": (0.20, 0.55, 0.95), "deep": (0.25, 0.15, 0.45), "dim": (0.35, 0.35, 0.35),
+          "bright": (1.0, 0.95, 0.55)}
 
 
 def parse_group(group: str) -> tuple[str, str, int]:
@@ -167,7 +176,7 @@ def render_pose_frames(palette: str, pattern: str, third: int, frames: int = 8, 
     pattern, whose motion follows the third word (still / turning / swinging) and whose thickness the palette."""
     index = PATTERNS.index(pattern) if pattern in PATTERNS else EXTRA_PATTERNS.index(pattern) + 0.5
     angle0 = index * 2 * math.pi / len(PATTERNS)
-    width = {"pale": 1.2, "vivid": 3.0, "warm": 2.0, "cool": 1.6, "deep": 2.5}[palette]
+    width = {"pale": 1.2, "vivid": 3.0, "warm": 2.0, "cool": 1.6, "deep": 2.5, "dim": 1.0, "bright": 3.5}[palette]
     y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                           indexing="ij")
     c = (size - 1) / 2
