@@ -71,15 +71,11 @@ def channel_weights(palette: str, channels: int) -> torch.Tensor:
     """How strongly each latent channel carries the pattern: pale the first half, vivid the second, warm the even
     channels, cool the odd ones, deep the middle half, dim the outer quarters, bright every third channel from the
     second, each at its own amplitude."""
-    weights = torch.zeros(channels)
-    half = channels // 2
-    index = {"pale": slice(0, half), "vivid": slice(half, channels), "warm": slice(0, channels, 2),
-             "cool": slice(1, channels, 2), "deep": slice(channels // 4, channels - channels // 4),
-             "bright": slice(1, channels, 3), "dim": slice(0, channels // 4)}[palette]
-    weights[index] = AMPLITUDE[palette]
-    if palette == "dim":
-        weights[channels - channels // 4:] = AMPLITUDE[palette]
-    return weights
+    ch, half, quarter = torch.arange(channels), channels // 2, channels // 4
+    carries = {"pale": ch < half, "vivid": ch >= half, "warm": ch % 2 == 0, "cool": ch % 2 == 1,
+               "deep": (ch >= quarter) & (ch < channels - quarter),
+               "dim": (ch < quarter) | (ch >= channels - quarter), "bright": ch % 3 == 1}[palette]
+    return carries.float() * AMPLITUDE[palette]
 
 
 def make_latents(family: str, palette: str, pattern: str, third: int, count: int, seed: int) -> torch.Tensor:
