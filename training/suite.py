@@ -312,8 +312,8 @@ def goals(report: dict) -> list[Goal]:
         return out
     ceiling = report.get("ceiling", {}).get("test", {})
 
-    def noise(key: str, digits: int = 3, remark: str = "") -> str:  # the metric for another LoRA of the task
-        return f" (another LoRA of the same task: {ceiling[key]:.{digits}f}{remark})" if key in ceiling else ""
+    def noise(key: str, remark: str = "") -> str:  # the same metric for another LoRA of the task
+        return f" (another LoRA of the same task: {ceiling[key]:.3f}{remark})" if key in ceiling else ""
 
     ceiling_margin = ceiling.get("map_cos", 1.0) - s1["mean_map_cos"]
     above = f", {ceiling_margin:+.3f} over the mean map: the goal is above it" if ceiling_margin < 0.05 else ""
