@@ -25,11 +25,12 @@ from lofa_core.predict import predict
 from training.base_models import load_base_model
 from training.dataset import load_embedding, read_samples
 from training.plots import read_metrics
-from training.suite import run_suite
+from training.suite import SMALL_GRID, run_suite
 
 REPO = Path(__file__).resolve().parent.parent
-# The suite shortened to a few minutes on 2 CPU cores (every stage runs; fewer steps).
-CI_SUITE = ["base.steps=300", "build.steps=150", "stage1.steps=200", "stage1.eval_every=200", "stage1.log_every=5",
+# The suite shortened to a few minutes on 2 CPU cores (every stage runs; fewer tasks and steps).
+CI_SUITE = [f"tasks={json.dumps(SMALL_GRID)}",
+            "base.steps=300", "build.steps=150", "stage1.steps=200", "stage1.eval_every=200", "stage1.log_every=5",
             "stage2.steps=300", "stage2.batch_size=2", "stage2.eval_every=300", "stage2.log_every=5",
             "single_stage.steps=20", "adaptation.eval_every=25"]
 CI_VARIANTS = [f"{v}.{stage}.steps={n}" for v in ("image", "pose", "image-mix")
