@@ -33,3 +33,20 @@ def test_retrieval_goal_counts_tasks_not_rounded_fractions():
     s2["retrieval_heldout"] = 0.6667
     (retrieval,) = [g for g in goals(report) if g.text.startswith("retrieval")]
     assert not retrieval.passed
+
+
+def test_dw_goal_fails_when_the_prediction_only_reaches_the_empty_loras_floor():
+    """A mean-removed cosine that an empty LoRA (predicting nothing) also reaches is no evidence of learning."""
+    s2 = {"retrieval_heldout": 1.0, "tasks": 6.0, "gt_own_task_best": 1.0, "dw_cos_centered": 0.85,
+          "per_word_dw_cos_centered": 0.4, "zero_dw_cos_centered": 0.9, "gap_pred": 0.9, "gap_mean": 0.0,
+          "gap_constant": 0.0, "gap_swap": 0.0, "mean_lora_dw_cos": 0.1, "dw_cos": 0.6}
+    report = {"condition": "text", "data": {"shared_energy": 0.2}, "stage1": {"test": {"map_cos": 0.8,
+              "mean_map_cos": 0.7}}, "stage2": {"test": s2}}
+
+    def dw_goal():
+        (goal,) = [g for g in goals(report) if g.text.startswith("Stage-II dW cosine, training mean removed")]
+        return goal
+
+    assert not dw_goal().passed and "empty LoRA 0.900" in dw_goal().value
+    s2["zero_dw_cos_centered"] = 0.05
+    assert dw_goal().passed

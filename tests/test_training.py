@@ -94,6 +94,8 @@ def test_held_out_predictions_beat_the_constant_baselines(suite):
     _, report = suite
     s2 = report["stage2"]["test"]
     assert s2["dw_cos_centered"] > 0.2, s2  # the task-specific part of the prediction points the right way
+    assert s2["dw_cos_centered"] > s2["zero_dw_cos_centered"] + 0.1, s2  # ... beyond what predicting nothing gets
+    assert s2["dw_norm_ratio"] > 0.2, s2  # and the prediction is not a collapsed near-zero LoRA
     assert s2["gap_pred"] > max(s2["gap_mean"], s2["gap_constant"], s2["gap_swap"]), s2
     assert s2["retrieval_heldout"] > 1 / 6, s2  # above chance
     goals = report["goals"]

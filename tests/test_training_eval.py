@@ -79,3 +79,34 @@ def test_suite_steps_rerun_from_scratch_only_when_their_settings_change(tmp_path
     _once(folder, result, {"lr": 2}, make("new settings"))  # other settings: nothing of the old run survives
     assert not (folder / "checkpoint").exists() and result.read_text() == "new settings"
     assert json.loads((folder / "suite_config.json").read_text()) == {"lr": 2}
+
+
+def test_an_empty_prediction_scores_its_floor_not_zero_with_the_mean_removed():
+    """A predictor that outputs nothing still gets cos(-mean, gt - mean) > 0 when a held-out task leans away
+    from the training mean: the evaluation reports that floor (and |pred| / |gt|) so such a score is seen as
+    the empty LoRA's, while the true LoRA scores 1 at norm ratio 1."""
+    from collections import defaultdict
+
+    from lofa_core.lora_formats import PredictedLoRA
+    from training.evaluate import _weight_space_scores
+
+    path = "blocks.0.self_attn.q"
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randn(6, 5, generator=gen)
+    trained = {f"t{i}": shared + 0.3 * torch.randn(6, 5, generator=gen) for i in range(4)}
+    held_out = 0.2 * shared + 0.3 * torch.randn(6, 5, generator=gen)  # leans away from the training mean
+    deltas = {**trained, "held": held_out}
+    store = _Store({k: {path: LoRAFactors(d, torch.eye(5), 1.0)} for k, d in deltas.items()})
+    samples = {k: Sample(id=k, lora=None, condition={"kind": "text", "prompt": f"a {k}"}, group=None,
+                         split="train", latents=None, line=1) for k in deltas}
+    baselines = build_baselines(store, [samples[k] for k in trained], {path: torch.ones(6, 5)}, tau=0.02)
+    mean = baselines.mean_delta[path]
+    for prediction, expected_cos, expected_ratio in ((torch.zeros(6, 5), None, 0.0), (held_out, 1.0, 1.0)):
+        scores = defaultdict(list)
+        lora = PredictedLoRA("wan2.1-t2v", {path: LoRAFactors(prediction, torch.eye(5), 1.0)})
+        _weight_space_scores(scores, store, samples["held"], {path: torch.ones(6, 5)}, baselines, None, lora, 0.02)
+        floor = torch.nn.functional.cosine_similarity((-mean).flatten(), (held_out - mean).flatten(), dim=0).item()
+        assert abs(scores["zero_dw_cos_centered"][0] - floor) < 1e-5
+        assert floor > 0.5  # the empty LoRA's floor is far above 0 here
+        assert abs(scores["dw_cos_centered"][0] - (floor if expected_cos is None else expected_cos)) < 1e-5
+        assert abs(scores["dw_norm_ratio"][0] - expected_ratio) < 1e-5

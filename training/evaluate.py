@@ -4,8 +4,10 @@ Predictions come from `lofa_core.predict.predict`, the function the ComfyUI node
 
 * Stage-I: cosine and IoU of the predicted response map with the ground truth, next to the training mean map.
 * Stage-II, weight space: cosine of the predicted dW with the ground truth, raw and with the training-mean LoRA
-  removed from both (what is specific to the task), next to the mean LoRA and the per-word additive LoRA
-  (`baselines.py`); retrieval: is the task's own ground truth the closest (mean removed) among all evaluated
+  removed from both (what is specific to the task), next to the mean LoRA, the per-word additive LoRA
+  (`baselines.py`) and the empty LoRA (a prediction of nothing scores cos(-mean, gt - mean) once the mean is
+  removed, above 0 where held-out tasks lean away from the training mean); |predicted dW| / |dW_gt| (near 0:
+  a collapsed predictor); retrieval: is the task's own ground truth the closest (mean removed) among all evaluated
   tasks, and among all tasks including the training ones; the predicted LoRA's response map against the ground
   truth's and against Stage-I's (the paper reports 0.83 and 0.91).
 * Stage-II, function: the base model's diffusion loss on the task's held-out latents (same latents, noise and
@@ -127,6 +129,9 @@ def _weight_space_scores(scores, store: SampleStore, sample: Sample, weights, ba
         scores["dw_cos"].append(cosine_similarity(pred, gt).item())
         scores["dw_cos_centered"].append(cosine_similarity(pred - mean, gt - mean).item())
         scores["mean_lora_dw_cos"].append(cosine_similarity(mean, gt).item())
+        # the empty LoRA's floor: predicting nothing still scores cos(-mean, gt - mean) with the mean removed
+        scores["zero_dw_cos_centered"].append(cosine_similarity(-mean, gt - mean).item())
+        scores["dw_norm_ratio"].append((pred.norm() / gt.norm().clamp_min(1e-30)).item())
         scores["lora_map_cos_gt"].append(cosine_similarity(pred_map, gt_map).item())
         if maps is not None:
             scores["lora_map_cos_stage1"].append(cosine_similarity(pred_map, maps[t.path]).item())

@@ -328,9 +328,11 @@ def goals(report: dict) -> list[Goal]:
         f"{s1['map_cos']:.3f} vs {s1['mean_map_cos']:.3f}{noise('map_cos', remark=above)}",
         s1["map_cos"] - s1["mean_map_cos"] >= 0.05)
     word = s2.get("per_word_dw_cos_centered", -1.0)
-    add("Stage-II dW cosine, training mean removed, >= 0.8 and above the per-word baseline",
-        f"{s2['dw_cos_centered']:.3f} vs per-word {word:.3f}{noise('dw_cos_centered')}",
-        s2["dw_cos_centered"] >= 0.8 and s2["dw_cos_centered"] > word)
+    empty = s2.get("zero_dw_cos_centered", -1.0)  # (absent from runs evaluated before it was measured)
+    shown = f", empty LoRA {empty:.3f}" if "zero_dw_cos_centered" in s2 else ""
+    add("Stage-II dW cosine, training mean removed, >= 0.8 and above the per-word baseline and the empty LoRA",
+        f"{s2['dw_cos_centered']:.3f} vs per-word {word:.3f}{shown}{noise('dw_cos_centered')}",
+        s2["dw_cos_centered"] >= 0.8 and s2["dw_cos_centered"] > max(word, empty))
     tasks = int(s2.get("tasks", 0))
     add("retrieval: own task nearest among the test tasks >= 5/6",
         f"{round(s2['retrieval_heldout'] * tasks)}/{tasks}", round(s2["retrieval_heldout"] * tasks) >= 5 / 6 * tasks)
@@ -368,7 +370,8 @@ def write_report(workdir: Path, report: dict) -> None:
             ("Stage-II dW cosine, raw", _fmt(s2.get("dw_cos")),
              f"mean LoRA {_fmt(s2.get('mean_lora_dw_cos'))}, per-word {_fmt(s2.get('per_word_dw_cos'))}"),
             ("Stage-II dW cosine, training mean removed", _fmt(s2.get("dw_cos_centered")),
-             f"per-word {_fmt(s2.get('per_word_dw_cos_centered'))}"),
+             f"per-word {_fmt(s2.get('per_word_dw_cos_centered'))}, empty LoRA {_fmt(s2.get('zero_dw_cos_centered'))}"),
+            ("predicted / ground-truth dW norm", _fmt(s2.get("dw_norm_ratio")), "near 0: predicts almost nothing"),
             ("retrieval: own task nearest among test / all tasks",
              f"{_fmt(s2.get('retrieval_heldout'))} / {_fmt(s2.get('retrieval_all'))}",
              f"per-word {_fmt(s2.get('per_word_retrieval_heldout'))} / {_fmt(s2.get('per_word_retrieval_all'))}"),
@@ -381,7 +384,7 @@ def write_report(workdir: Path, report: dict) -> None:
     ceiling = report.get("ceiling", {}).get("test", {})
     if ceiling:  # another LoRA of the same task, scored the same way (training/ceiling.py)
         same_task = [f"{_fmt(ceiling.get('map_cos'))} / {_fmt(ceiling.get('map_iou'))}", _fmt(ceiling.get("dw_cos")),
-                     _fmt(ceiling.get("dw_cos_centered")),
+                     _fmt(ceiling.get("dw_cos_centered")), _fmt(ceiling.get("dw_norm_ratio")),
                      f"{_fmt(ceiling.get('retrieval_heldout'))} / {_fmt(ceiling.get('retrieval_all'))}",
                      _fmt(ceiling.get("gap_pred")),
                      f"{_fmt(ceiling.get('lora_map_cos_gt'))} / -"]
