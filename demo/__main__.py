@@ -240,8 +240,8 @@ def held_out_summary(report: dict, prompt: str) -> str:
         f"  LoRA dW cosine, shared part removed {s2['dw_cos_centered']:.3f}   (per-word average of training LoRAs "
         f"{s2.get('per_word_dw_cos_centered', float('nan')):.3f}; an empty LoRA, predicting nothing, "
         f"{s2.get('zero_dw_cos_centered', float('nan')):.3f})",
-        f"  predicted dW norm / ground truth {s2.get('dw_norm_ratio', float('nan')):.2f}   (near 0: it predicts "
-        f"almost nothing)",
+        f"  predicted dW norm / ground truth {s2.get('dw_norm_ratio', float('nan')):.2f}   (1: as large as the "
+        f"task's own LoRA; near 0: a prediction of almost nothing)",
         f"  own task retrieved first {s2['retrieval_heldout']:.2f}   "
         f"(per-word {s2.get('per_word_retrieval_heldout', 0):.2f})",
         f"  diffusion loss gap closed {s2['gap_pred']:.2f}   (1 = the task's own trained LoRA; mean LoRA "
