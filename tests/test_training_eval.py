@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import defaultdict
 
 import torch
 
-from lofa_core.lora_formats import LoRAFactors
+from lofa_core.lora_formats import LoRAFactors, PredictedLoRA
 from lofa_core.targets import Target, TargetCatalog
 from training.baselines import build_baselines, task_words
 from training.dataset import Sample
+from training.evaluate import _weight_space_scores
 from training.suite import _once
 
 
@@ -85,11 +87,6 @@ def test_an_empty_prediction_scores_its_floor_not_zero_with_the_mean_removed():
     """A predictor that outputs nothing still gets cos(-mean, gt - mean) > 0 when a held-out task leans away
     from the training mean: the evaluation reports that floor (and |pred| / |gt|) so such a score is seen as
     the empty LoRA's, while the true LoRA scores 1 at norm ratio 1."""
-    from collections import defaultdict
-
-    from lofa_core.lora_formats import PredictedLoRA
-    from training.evaluate import _weight_space_scores
-
     path = "blocks.0.self_attn.q"
     gen = torch.Generator().manual_seed(1)
     shared = torch.randn(6, 5, generator=gen)
