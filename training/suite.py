@@ -69,9 +69,10 @@ SMALL_GRID = {"palettes": list(synthetic.PALETTES), "patterns": list(synthetic.P
 # keep the token count of the wide matrices small.
 SDXL_DEFAULTS = {"tasks": SMALL_GRID,
                  "stage1": {"hypernet": {**HYPERNET, "d_model": 64, "patch_size": 32}},
-                 # (the WAN val choices, 3e-3 and 6,000 steps, untried on SDXL). A fresh Stage-II trunk: on SDXL,
-                 # Stage-I's trunk makes 90-96 % of each matrix's token energy common to all its tokens, and a
-                 # Stage-II started from it predicts LoRAs of 5 % of the truth's norm (fresh: 22 %; README)
+                 # Stage-II: lr 1e-3 and 1,500 steps (WAN's val choices, 3e-3 and 6,000 steps, are untried on
+                 # SDXL); a fresh trunk, because Stage-I's trunk makes 90-96 % of each matrix's token energy
+                 # common to all its tokens there, and a Stage-II started from it predicts LoRAs of 5 % of the
+                 # truth's norm (fresh: 22 %; README)
                  "stage2": {"hypernet": {**HYPERNET, "d_model": 64, "patch_size": 32}, "steps": 1500,
                             "optim": {"lr": 1e-3}, "init_from_stage1": False}}
 
