@@ -217,7 +217,11 @@ def test_predict_without_comfy_matches_direct_forward(tmp_path):
         ids = torch.tensor([t.depth]), torch.tensor([t.type_index])
         feats = net.stage1.forward_features(weights[t.key][None], *ids, ctx1)[0]
         a, b, alpha = net.stage2(weights[t.key][None], *ids, ctx2, feats)
-    torch.testing.assert_close(pred.lora.factors[t.path].delta(), alpha[0] * (b[0] @ a[0]), rtol=1e-5, atol=1e-7)
+    expected = alpha[0] * (b[0] @ a[0])
+    # float32 sums in a different order (batched vs single matmul, scale before or after): allow rounding noise
+    # relative to the tensor's scale, since single entries near zero come from cancellation.
+    torch.testing.assert_close(pred.lora.factors[t.path].delta(), expected, rtol=1e-5,
+                               atol=1e-5 * expected.abs().max().item())
 
 
 def test_wan_condition_strips_comfy_padding_and_pads_to_512():
