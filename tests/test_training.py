@@ -192,7 +192,9 @@ def test_exported_checkpoint_predicts_through_the_node_graph(suite, comfy, model
                        dtype=torch.float32)
     for path, f in expected.lora.factors.items():
         key = f"diffusion_model.{path}.weight"
-        torch.testing.assert_close(after[key] - before[key], f.delta(), rtol=1e-4, atol=1e-7)
+        # W + dW is rounded to float32 at |W|'s scale, so the recovered dW carries that much noise.
+        noise = 4 * torch.finfo(torch.float32).eps * before[key].abs().max().item()
+        torch.testing.assert_close(after[key] - before[key], f.delta(), rtol=1e-4, atol=noise)
         assert f.delta().abs().max() > 0
     assert len(response.maps) == len(ckpt.catalog)
 
