@@ -69,3 +69,20 @@ def test_training_forward_predicts_the_lora_that_predict_returns():
     # and the two prompts really give different LoRAs (the comparison is per prompt, not of a constant)
     path = catalog.targets[0].path
     assert not torch.allclose(trained[0, path], trained[1, path])
+
+
+def test_stage2_says_which_size_settings_its_stage1_overrides(capsys):
+    from training.config import Stage2Config
+    from training.stage2 import build_stage2
+
+    net = new_hypernet(build_catalog(_wan_shapes()), TEXT_CONDITION, **SMALL)
+    cfg = Stage2Config()
+    cfg.hypernet.d_model, cfg.hypernet.patch_size = 2 * SMALL["d_model"], SMALL["patch_size"]
+    built = build_stage2(cfg, net.stage1, alpha_init=1.0)
+    assert built.cfg.d_model == SMALL["d_model"]
+    said = capsys.readouterr().out
+    assert f"hypernet.d_model={2 * SMALL['d_model']} (Stage-I: {SMALL['d_model']})" in said
+    assert "patch_size" not in said and "--single-stage" in said
+    cfg.hypernet.d_model = SMALL["d_model"]
+    build_stage2(cfg, net.stage1, alpha_init=1.0)
+    assert capsys.readouterr().out == ""

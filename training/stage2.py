@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from lofa_core.conditioning import ConditionSpec
-from lofa_core.config import axial_config_for, default_injection
+from lofa_core.config import HyperNetConfig, axial_config_for, default_injection
 from lofa_core.factory import condition_sizes
 from lofa_core.hypernet import Stage1Net, Stage2Net
 from lofa_core.targets import TargetCatalog
 
 from .base_models import BaseModel
 from .batches import Prompts, ShapeGroup, batch_prompts, contexts_for, make_groups
-from .config import Stage2Config
+from .config import HypernetSizes, Stage2Config
 from .dataset import SampleStore
 from .injection import inject
 
@@ -89,6 +89,10 @@ def build_stage2(cfg: Stage2Config, stage1: Stage1Net, alpha_init: float) -> Sta
     `hypernet.cross_attn_idxs`: None injects Stage-I's features after the paper's default blocks, [] nowhere.
     """
     s1 = stage1.cfg
+    ignored = ignored_sizes(cfg.hypernet, s1)
+    if ignored:
+        print(f"Stage-II takes its shape from the Stage-I run it reads, so {', '.join(ignored)} in the Stage-II "
+              "config is ignored (to change it, train Stage-I with that size, or use --single-stage)", flush=True)
     chosen = cfg.hypernet.cross_attn_idxs
     injection = tuple(default_injection(s1.n_blocks) if chosen is None else chosen)
     net = Stage2Net(s1.replace(stage=2, cross_attn_idxs=injection, alpha_init=alpha_init))
@@ -98,6 +102,14 @@ def build_stage2(cfg: Stage2Config, stage1: Stage1Net, alpha_init: float) -> Sta
         assert not unexpected, unexpected
     net.gradient_checkpointing = cfg.gradient_checkpointing
     return net
+
+
+def ignored_sizes(sizes: HypernetSizes, stage1: HyperNetConfig) -> list[str]:
+    """Sizes the user changed from the defaults that differ from Stage-I's (they would be silently ignored)."""
+    default = HypernetSizes()
+    return [f"hypernet.{name}={getattr(sizes, name)} (Stage-I: {getattr(stage1, name)})"
+            for name in ("d_model", "n_heads", "n_blocks", "patch_size", "rank", "mlp_ratio")
+            if getattr(sizes, name) != getattr(default, name) and getattr(sizes, name) != getattr(stage1, name)]
 
 
 def build_single_stage(cfg: Stage2Config, catalog: TargetCatalog, spec: ConditionSpec, alpha_init: float
