@@ -107,3 +107,36 @@ def test_an_empty_prediction_scores_its_floor_not_zero_with_the_mean_removed():
         assert floor > 0.5  # the empty LoRA's floor is far above 0 here
         assert abs(scores["dw_cos_centered"][0] - (floor if expected_cos is None else expected_cos)) < 1e-5
         assert abs(scores["dw_norm_ratio"][0] - expected_ratio) < 1e-5
+
+
+def test_per_pair_baseline_recovers_what_two_words_do_together_and_per_word_cannot():
+    """When a task's dW is a sum of one matrix per word and one per pair of words, the per-pair model (without its
+    ridge) predicts a held-out combination exactly, since each of its pairs occurs in other training tasks; the
+    per-word model misses the pair terms; the default ridge only shrinks the pair terms, so it still lands far
+    closer than the per-word model."""
+    gen = torch.Generator().manual_seed(1)
+    groups = (("red", "blue", "green"), ("dots", "bars", "waves"), ("slow", "fast", "still"))
+    effect = {w: torch.randn(6, 5, generator=gen) for g in groups for w in g}
+    effect |= {pair: torch.randn(6, 5, generator=gen) for g1, g2 in itertools.combinations(groups, 2)
+               for pair in itertools.product(g1, g2)}
+    combos = list(itertools.product(*groups))
+    held_out = ("green", "waves", "still")
+    samples = {c: _sample(c) for c in combos}
+
+    def truth_of(c):
+        return sum(effect[w] for w in c) + sum(effect[pair] for pair in itertools.combinations(c, 2))
+
+    store = _Store({samples[c].id: {"blocks.0.self_attn.q": LoRAFactors(truth_of(c), torch.eye(5), 1.0)}
+                    for c in combos})
+    train = [samples[c] for c in combos if c != held_out]
+    weights = {"blocks.0.self_attn.q": torch.ones(6, 5)}
+    truth = truth_of(held_out)
+    exact = build_baselines(store, train, weights, tau=0.02, pair_ridge=0.0)
+    assert ("green", "waves") in exact.word_pairs.pairs and ("green", "red") not in exact.word_pairs.pairs
+    torch.testing.assert_close(exact.per_pair(samples[held_out])["blocks.0.self_attn.q"], truth, rtol=1e-3,
+                               atol=1e-3)
+    default = build_baselines(store, train, weights, tau=0.02)
+    word_error = float((default.per_word(samples[held_out])["blocks.0.self_attn.q"] - truth).norm())
+    pair_error = float((default.per_pair(samples[held_out])["blocks.0.self_attn.q"] - truth).norm())
+    assert word_error > 0.3 * float(truth.norm())
+    assert pair_error < 0.5 * word_error

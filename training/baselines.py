@@ -4,7 +4,10 @@
 * a norm-matched constant LoRA: the mean LoRA's direction at the typical training LoRA's norm (a "generic"
   LoRA as strong as a real one);
 * the per-word additive LoRA: least squares `dW ~ c + sum over the prompt's words of b_word` over the
-  training tasks, the strongest simple way to compose a new prompt from words seen in training.
+  training tasks, the simplest way to compose a new prompt from words seen in training;
+* the per-pair LoRA: the same plus one term per pair of words seen together in training tasks (ridge-shrunk),
+  so what two words do together is learnt wherever the training tasks show that pair - on the synthetic suite the
+  strongest simple predictor found, the one a hypernetwork has to beat to show it composes more than pairs.
 
 All of them are linear in the training LoRAs. Their dense per-target tensors live in memory, so the number of
 training LoRAs they read is capped (`max_samples`); at real model sizes keep it modest.
@@ -14,7 +17,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import combinations
 
 import torch
 
@@ -22,7 +26,11 @@ from lofa_core.response import response_map
 
 from .dataset import Sample, SampleStore
 
-PER_WORD_MAX_ELEMENTS = 400_000_000  # coefficient tensors above this many floats: skip the per-word baseline
+PER_WORD_MAX_ELEMENTS = 400_000_000  # coefficient tensors above this many floats: skip that composed baseline
+# Ridge on the per-pair model's pair terms (the word terms and the intercept are not shrunk). Chosen on the `val`
+# tasks of the WAN suite's 168-task grid (mean-removed dW cosine 0.763 / 0.775 / 0.771 at 0.3 / 1 / 3; without
+# ridge 0.750): a pair seen in 3 training tasks keeps 3/4 of its least-squares term.
+PAIR_RIDGE = 1.0
 
 
 def task_words(sample: Sample) -> list[str]:
@@ -33,14 +41,15 @@ def task_words(sample: Sample) -> list[str]:
 
 @dataclass
 class WordModel:
-    """Least-squares additive model of dW over prompt words: coefficients [1 + V, out, in] per target."""
+    """Linear model of dW over prompt words (and, if `pairs`, pairs of words): coefficients [1 + V + P, out, in]
+    per target."""
 
     vocabulary: list[str]
     coefficients: dict[str, torch.Tensor]
+    pairs: list[tuple[str, str]] = field(default_factory=list)
 
     def features(self, words: list[str]) -> torch.Tensor:
-        present = set(words)
-        return torch.tensor([1.0] + [1.0 if w in present else 0.0 for w in self.vocabulary])
+        return design_row(words, self.vocabulary, self.pairs)
 
     def predict(self, words: list[str]) -> dict[str, torch.Tensor]:
         x = self.features(words)
@@ -54,6 +63,7 @@ class Baselines:
     mean_norm: dict[str, float]  # mean Frobenius norm of the training dWs, per target
     words: WordModel | None
     samples: int
+    word_pairs: WordModel | None = None
 
     def constant(self) -> dict[str, torch.Tensor]:
         """The mean LoRA rescaled, per target, to the training LoRAs' typical norm."""
@@ -62,9 +72,43 @@ class Baselines:
     def per_word(self, sample: Sample) -> dict[str, torch.Tensor] | None:
         return self.words.predict(task_words(sample)) if self.words is not None else None
 
+    def per_pair(self, sample: Sample) -> dict[str, torch.Tensor] | None:
+        return self.word_pairs.predict(task_words(sample)) if self.word_pairs is not None else None
+
+    def composed(self) -> dict[str, WordModel]:
+        """The composed-from-words baselines that could be built, by report prefix."""
+        return {name: m for name, m in (("per_word", self.words), ("per_pair", self.word_pairs)) if m is not None}
+
+
+def design_row(words: list[str], vocabulary: list[str], pairs: list[tuple[str, str]]) -> torch.Tensor:
+    """[1, one indicator per vocabulary word, one per pair of words] for a prompt's words."""
+    present = set(words)
+    return torch.tensor([1.0] + [1.0 if w in present else 0.0 for w in vocabulary]
+                        + [1.0 if a in present and b in present else 0.0 for a, b in pairs])
+
+
+def word_pairs(words: list[list[str]], vocabulary: list[str]) -> list[tuple[str, str]]:
+    """Pairs of vocabulary words that occur together in at least two training tasks (one task would make the pair
+    term that task's own LoRA) and not in every task."""
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    known = set(vocabulary)
+    for ws in words:
+        for pair in combinations(sorted(set(ws) & known), 2):
+            counts[pair] += 1
+    return sorted(p for p, c in counts.items() if 2 <= c < len(words))
+
+
+def solve_matrix(design: torch.Tensor, ridge: torch.Tensor | None = None) -> torch.Tensor:
+    """[features, tasks] matrix S with coefficients = S @ dW: minimum-norm least squares, or ridge with the
+    per-feature penalty `ridge`."""
+    if ridge is None or not bool(ridge.any()):
+        return torch.linalg.pinv(design)
+    gram = design.T @ design + torch.diag(ridge)
+    return torch.linalg.pinv(gram) @ design.T
+
 
 def build_baselines(store: SampleStore, train: list[Sample], weights: dict[str, torch.Tensor], tau: float,
-                    max_samples: int = 512) -> Baselines:
+                    max_samples: int = 512, pair_ridge: float = PAIR_RIDGE) -> Baselines:
     """Every baseline from (up to `max_samples` of) the training LoRAs, reading each LoRA once."""
     train = train[:max_samples]
     targets = store.catalog.targets
@@ -75,26 +119,31 @@ def build_baselines(store: SampleStore, train: list[Sample], weights: dict[str, 
             counts[w] += 1
     # words that tell training tasks apart: seen at least twice and not in every task (the intercept covers those)
     vocabulary = sorted(w for w, c in counts.items() if 2 <= c < len(train))
+    pairs = word_pairs(words, vocabulary)
     size = sum(t.out_features * t.in_features for t in targets)
-    use_words = bool(vocabulary) and (1 + len(vocabulary)) * size <= PER_WORD_MAX_ELEMENTS
-    if use_words:
-        design = torch.stack([torch.tensor([1.0] + [1.0 if w in set(ws) else 0.0 for w in vocabulary])
-                              for ws in words])
-        solve = torch.linalg.pinv(design)  # [1 + V, n]: coefficients = solve @ dW (minimum-norm least squares)
-    maps, deltas, norms, coef = defaultdict(float), defaultdict(float), defaultdict(float), {}
+    models: dict[str, tuple[list[tuple[str, str]], torch.Tensor]] = {}  # name -> (pairs, solve matrix [F, n])
+    for name, model_pairs in (("words", []), ("pairs", pairs)):
+        features = 1 + len(vocabulary) + len(model_pairs)
+        if not vocabulary or (name == "pairs" and not pairs) or features * size > PER_WORD_MAX_ELEMENTS:
+            continue
+        design = torch.stack([design_row(ws, vocabulary, model_pairs) for ws in words])
+        ridge = torch.cat([torch.zeros(1 + len(vocabulary)), torch.full((len(model_pairs),), pair_ridge)])
+        models[name] = (model_pairs, solve_matrix(design, ridge))
+    maps, deltas, norms = defaultdict(float), defaultdict(float), defaultdict(float)
+    coef: dict[str, dict[str, torch.Tensor]] = {name: {} for name in models}
     for i, sample in enumerate(train):
         for t in targets:
             delta = store.delta(sample, t.path)
             deltas[t.path] = deltas[t.path] + delta
             norms[t.path] += float(delta.norm())
             maps[t.path] = maps[t.path] + response_map(delta, weights[t.path].cpu(), tau)
-            if use_words:
+            for name, (_, solve) in models.items():
                 term = solve[:, i].view(-1, 1, 1) * delta
-                coef[t.path] = coef[t.path] + term if t.path in coef else term
+                coef[name][t.path] = coef[name][t.path] + term if t.path in coef[name] else term
     n = max(1, len(train))
+    composed = {name: WordModel(vocabulary, coef[name], model_pairs) for name, (model_pairs, _) in models.items()}
     return Baselines({p: m / n for p, m in maps.items()}, {p: d / n for p, d in deltas.items()},
-                     {p: v / n for p, v in norms.items()}, WordModel(vocabulary, coef) if use_words else None,
-                     len(train))
+                     {p: v / n for p, v in norms.items()}, composed.get("words"), len(train), composed.get("pairs"))
 
 
 def shared_energy(store: SampleStore, samples: list[Sample], max_samples: int = 64) -> float:

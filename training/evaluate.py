@@ -4,15 +4,16 @@ Predictions come from `lofa_core.predict.predict`, the function the ComfyUI node
 
 * Stage-I: cosine and IoU of the predicted response map with the ground truth, next to the training mean map.
 * Stage-II, weight space: cosine of the predicted dW with the ground truth, raw and with the training-mean LoRA
-  removed from both (what is specific to the task), next to the mean LoRA, the per-word additive LoRA
-  (`baselines.py`) and the empty LoRA (a prediction of nothing scores cos(-mean, gt - mean) once the mean is
-  removed, above 0 where held-out tasks lean away from the training mean); |predicted dW| / |dW_gt| (near 0:
-  a collapsed predictor); retrieval: is the task's own ground truth the closest (mean removed) among all evaluated
-  tasks, and among all tasks including the training ones; the predicted LoRA's response map against the ground
-  truth's and against Stage-I's (the paper reports 0.83 and 0.91).
+  removed from both (what is specific to the task), next to the mean LoRA, the per-word and per-pair LoRAs
+  composed from the training tasks' words (`baselines.py`) and the empty LoRA (a prediction of nothing scores
+  cos(-mean, gt - mean) once the mean is removed, above 0 where held-out tasks lean away from the training mean);
+  |predicted dW| / |dW_gt| (near 0: a collapsed predictor); retrieval: is the task's own ground truth the closest
+  (mean removed) among all evaluated tasks, and among all tasks including the training ones; the predicted LoRA's
+  response map against the ground truth's and against Stage-I's (the paper reports 0.83 and 0.91).
 * Stage-II, function: the base model's diffusion loss on the task's held-out latents (same latents, noise and
   timesteps for every candidate) with no LoRA, the ground-truth LoRA, the prediction, the mean LoRA, the
-  norm-matched constant LoRA, the per-word LoRA and every other evaluated task's ground-truth LoRA (task swap).
+  norm-matched constant LoRA, the per-word and per-pair LoRAs and every other evaluated task's ground-truth LoRA
+  (task swap).
   `gap_<x> = sum(none - x) / sum(none - gt)`: the share of the ground-truth LoRA's improvement that x reaches.
 """
 
@@ -32,12 +33,12 @@ from lofa_core.response import cosine_similarity, iou, response_map
 from lofa_core.targets import TargetCatalog
 
 from .base_models import BaseModel, make_captions
-from .baselines import Baselines
+from .baselines import Baselines, task_words
 from .dataset import Sample, SampleStore
 from .injection import inject, inject_deltas
 from .trainer import step_generator
 
-DIFFUSION_CANDIDATES = ("none", "gt", "pred", "mean", "constant", "per_word")
+DIFFUSION_CANDIDATES = ("none", "gt", "pred", "mean", "constant", "per_word", "per_pair")
 
 
 def as_checkpoint(stage1: Stage1Net | None, stage2: Stage2Net | None, catalog: TargetCatalog, spec: ConditionSpec,
@@ -111,7 +112,8 @@ def score_predictions(predictor: Predictor, store: SampleStore, samples: Sequenc
 
 def _weight_space_scores(scores, store: SampleStore, sample: Sample, weights, baselines: Baselines, maps, lora,
                          tau: float) -> None:
-    per_word = baselines.per_word(sample) if lora is not None else None
+    composed = {name: m.predict(task_words(sample)) for name, m in baselines.composed().items()} if lora is not None \
+        else {}
     for t in store.catalog.targets:
         gt = store.delta(sample, t.path)
         w = weights[t.path].float().cpu()
@@ -135,23 +137,23 @@ def _weight_space_scores(scores, store: SampleStore, sample: Sample, weights, ba
         scores["lora_map_cos_gt"].append(cosine_similarity(pred_map, gt_map).item())
         if maps is not None:
             scores["lora_map_cos_stage1"].append(cosine_similarity(pred_map, maps[t.path]).item())
-        if per_word is not None:
-            scores["per_word_dw_cos"].append(cosine_similarity(per_word[t.path], gt).item())
-            scores["per_word_dw_cos_centered"].append(cosine_similarity(per_word[t.path] - mean, gt - mean).item())
+        for name, deltas in composed.items():
+            scores[f"{name}_dw_cos"].append(cosine_similarity(deltas[t.path], gt).item())
+            scores[f"{name}_dw_cos_centered"].append(cosine_similarity(deltas[t.path] - mean, gt - mean).item())
 
 
 def retrieval(store: SampleStore, samples: Sequence[Sample], predictions: Sequence[PredictedLoRA],
               baselines: Baselines, pool: Sequence[Sample]) -> dict[str, float]:
     """Share of tasks whose own ground truth is the nearest (cosine over all targets, training mean removed) to
-    the prediction: among the evaluated tasks, and among those plus `pool` (training tasks). The per-word
-    baseline is scored the same way."""
+    the prediction: among the evaluated tasks, and among those plus `pool` (training tasks). The per-word and
+    per-pair baselines are scored the same way."""
     own = list(samples)
     others = [s for s in pool if s.id not in {x.id for x in own}]
     everyone = own + others
     candidates = {"pred": [lambda p, i=i: predictions[i].factors[p].delta().cpu() for i in range(len(own))]}
-    if baselines.words is not None:
-        word_preds = [baselines.per_word(s) for s in own]
-        candidates["per_word"] = [lambda p, i=i: word_preds[i][p] for i in range(len(own))]
+    for name, model in baselines.composed().items():
+        composed = [model.predict(task_words(s)) for s in own]
+        candidates[name] = [lambda p, i=i, c=composed: c[i][p] for i in range(len(own))]
     out = {}
     for name, preds in candidates.items():
         dots = torch.zeros(len(own), len(everyone))
@@ -165,7 +167,7 @@ def retrieval(store: SampleStore, samples: Sequence[Sample], predictions: Sequen
             pred_sq += p.pow(2).sum(1)
             gt_sq += g.pow(2).sum(1)
         cos = dots / (pred_sq.sqrt().unsqueeze(1) * gt_sq.sqrt().unsqueeze(0)).clamp_min(1e-30)
-        prefix = "" if name == "pred" else "per_word_"
+        prefix = "" if name == "pred" else f"{name}_"
         diagonal = torch.arange(len(own))
         out[f"{prefix}retrieval_heldout"] = float((cos[:, : len(own)].argmax(1) == diagonal).float().mean())
         out[f"{prefix}retrieval_all"] = float((cos.argmax(1) == diagonal).float().mean())
@@ -205,8 +207,8 @@ def diffusion_gaps(base: BaseModel, store: SampleStore, samples: Sequence[Sample
         losses["pred"].append(loss_with(predictions[i].factors))
         losses["mean"].append(loss_with(deltas=baselines.mean_delta))
         losses["constant"].append(loss_with(deltas=constant))
-        if baselines.words is not None:
-            losses["per_word"].append(loss_with(deltas=baselines.per_word(sample)))
+        for name, model in baselines.composed().items():
+            losses[name].append(loss_with(deltas=model.predict(task_words(sample))))
         others = [loss_with(truths[j]) for j in range(len(samples)) if j != i]
         if others:
             swap.append(sum(others) / len(others))

@@ -334,13 +334,16 @@ def goals(report: dict) -> list[Goal]:
     word = s2.get("per_word_dw_cos_centered", -1.0)
     empty = s2.get("zero_dw_cos_centered", -1.0)  # (absent from runs evaluated before it was measured)
     shown = f", empty LoRA {empty:.3f}" if "zero_dw_cos_centered" in s2 else ""
+    pair = f", per-pair {s2['per_pair_dw_cos_centered']:.3f}" if "per_pair_dw_cos_centered" in s2 else ""
     add("Stage-II dW cosine, training mean removed, >= 0.8 and above the per-word baseline and the empty LoRA",
-        f"{s2['dw_cos_centered']:.3f} vs per-word {word:.3f}{shown}{noise('dw_cos_centered')}",
+        f"{s2['dw_cos_centered']:.3f} vs per-word {word:.3f}{pair}{shown}{noise('dw_cos_centered')}",
         s2["dw_cos_centered"] >= 0.8 and s2["dw_cos_centered"] > max(word, empty))
     tasks = int(s2.get("tasks", 0))
     add("retrieval: own task nearest among the test tasks >= 5/6",
         f"{round(s2['retrieval_heldout'] * tasks)}/{tasks}", round(s2["retrieval_heldout"] * tasks) >= 5 / 6 * tasks)
-    add("diffusion gap closed >= 0.8", f"{s2['gap_pred']:.3f}{noise('gap_pred')}", s2["gap_pred"] >= 0.8)
+    composed = "".join(f", {label} {s2[key]:.3f}" for label, key in (("per-word", "gap_per_word"),
+                                                                       ("per-pair", "gap_per_pair")) if key in s2)
+    add("diffusion gap closed >= 0.8", f"{s2['gap_pred']:.3f}{composed}{noise('gap_pred')}", s2["gap_pred"] >= 0.8)
     add("mean LoRA and norm-matched constant LoRA close <= 0.5",
         f"{s2['gap_mean']:.2f} / {s2['gap_constant']:.2f}", max(s2["gap_mean"], s2["gap_constant"]) <= 0.5)
     add("task-swap control clearly below the prediction (by >= 0.25)",
@@ -372,17 +375,21 @@ def write_report(workdir: Path, report: dict) -> None:
     rows = [("Stage-I map cosine / IoU", f"{_fmt(s1.get('map_cos'))} / {_fmt(s1.get('map_iou'))}",
              f"mean map {_fmt(s1.get('mean_map_cos'))} / {_fmt(s1.get('mean_map_iou'))}"),
             ("Stage-II dW cosine, raw", _fmt(s2.get("dw_cos")),
-             f"mean LoRA {_fmt(s2.get('mean_lora_dw_cos'))}, per-word {_fmt(s2.get('per_word_dw_cos'))}"),
+             f"mean LoRA {_fmt(s2.get('mean_lora_dw_cos'))}, per-word {_fmt(s2.get('per_word_dw_cos'))}, "
+             f"per-pair {_fmt(s2.get('per_pair_dw_cos'))}"),
             ("Stage-II dW cosine, training mean removed", _fmt(s2.get("dw_cos_centered")),
-             f"per-word {_fmt(s2.get('per_word_dw_cos_centered'))}, empty LoRA {_fmt(s2.get('zero_dw_cos_centered'))}"),
+             f"per-word {_fmt(s2.get('per_word_dw_cos_centered'))}, per-pair "
+             f"{_fmt(s2.get('per_pair_dw_cos_centered'))}, empty LoRA {_fmt(s2.get('zero_dw_cos_centered'))}"),
             ("predicted / ground-truth dW norm", _fmt(s2.get("dw_norm_ratio")),
              "1: as large as the truth; near 0: predicts almost nothing"),
             ("retrieval: own task nearest among test / all tasks",
              f"{_fmt(s2.get('retrieval_heldout'))} / {_fmt(s2.get('retrieval_all'))}",
-             f"per-word {_fmt(s2.get('per_word_retrieval_heldout'))} / {_fmt(s2.get('per_word_retrieval_all'))}"),
+             f"per-word {_fmt(s2.get('per_word_retrieval_heldout'))} / {_fmt(s2.get('per_word_retrieval_all'))}, "
+             f"per-pair {_fmt(s2.get('per_pair_retrieval_heldout'))} / {_fmt(s2.get('per_pair_retrieval_all'))}"),
             ("diffusion gap closed (1 = ground-truth LoRA)", _fmt(s2.get("gap_pred")),
              f"mean {_fmt(s2.get('gap_mean'))}, constant {_fmt(s2.get('gap_constant'))}, per-word "
-             f"{_fmt(s2.get('gap_per_word'))}, task swap {_fmt(s2.get('gap_swap'))}"),
+             f"{_fmt(s2.get('gap_per_word'))}, per-pair {_fmt(s2.get('gap_per_pair'))}, task swap "
+             f"{_fmt(s2.get('gap_swap'))}"),
             ("LoRA's response map vs ground truth / vs Stage-I",
              f"{_fmt(s2.get('lora_map_cos_gt'))} / {_fmt(s2.get('lora_map_cos_stage1'))}", "paper: 0.83 / 0.91")]
     lines = [f"# Suite report ({report['family']}, {report['condition']} prompts, test tasks)", ""]
