@@ -56,6 +56,9 @@ class RunConfig:
     eval_every: int = 500  # evaluate the val tasks every this many steps (val and test after the last step)
     eval_samples: int = 64  # at most this many tasks per split in an evaluation (and training tasks for retrieval)
     log_every: int = 10
+    # > 0: evaluate and export an exponential moving average of the weights with this decay per step (e.g. 0.999
+    # averages about the last 1,000 steps); 0: the last step's weights
+    ema_decay: float = 0.0
     tau: float = DEFAULT_TAU  # response threshold: R = 1[|dW| > tau |W|] (the paper's 2 %)
     # if set, tau is instead chosen so that this share of the training LoRAs' weights respond (the paper's LoRAs
     # change 20-50 % of weights by more than 2 %; LoRAs of another scale need another tau for the same sparsity)

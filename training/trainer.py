@@ -6,6 +6,8 @@
 * Every random choice of a step (which LoRAs, which layers, noise, timesteps) comes from a generator seeded by
   (seed, step, rank), and checkpoints hold model, optimiser, scheduler and RNG state, so a resumed run
   continues exactly as an uninterrupted one would. Ctrl-C writes a checkpoint of the last finished step.
+* `ema_decay` > 0 keeps an exponential moving average of the weights (torch's `AveragedModel`): evaluations and
+  the exported network use it, checkpoints hold it next to the raw weights, so a resume continues it too.
 * Checkpoints are written atomically (a temporary folder renamed into place); `.pt` state is read back with
   `torch.load(weights_only=True)`.
 """
@@ -20,18 +22,21 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .config import RunConfig, to_dict
 from .plots import plot_metrics
 
 CHECKPOINTS = "checkpoints"
+EMA_FILE = "ema.safetensors"
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -98,6 +103,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim.warmup_steps, cfg.steps,
                                                                                 optim.schedule))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if not 0.0 <= cfg.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 turns the moving average off), not {cfg.ema_decay}")
+        self.ema = (AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+                    if cfg.ema_decay else None)
         self.step = 0
         if self.is_main:
             self.run.mkdir(parents=True, exist_ok=True)
@@ -124,6 +133,8 @@ class Trainer:
             tmp.mkdir(parents=True)
             state = {k: v.detach().contiguous().cpu() for k, v in self.trainable.state_dict().items()}
             save_file(state, tmp / "model.safetensors")
+            if self.ema is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()}, tmp / EMA_FILE)
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -144,6 +155,11 @@ class Trainer:
                 print(f"no checkpoint in {self.run / CHECKPOINTS}: starting from step 0")
             return
         self.trainable.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+        if self.ema is not None:
+            if not (folder / EMA_FILE).exists():
+                raise SystemExit(f"{folder} has no {EMA_FILE}: it was saved by a run without ema_decay; resume it "
+                                 "with --set ema_decay=0, or start the moving average from scratch in a new run")
+            self.ema.load_state_dict(load_file(str(folder / EMA_FILE)), strict=True)
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -175,6 +191,8 @@ class Trainer:
                 acc.backward(losses["loss"])
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update_parameters(self.trainable)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -187,15 +205,31 @@ class Trainer:
                     self.log(record)
                 if evaluate is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     if self.is_main:
-                        scores = evaluate(self.step == cfg.steps)
+                        with self.averaged():
+                            scores = evaluate(self.step == cfg.steps)
                         self.log({"step": self.step, **{f"eval/{k}": v for k, v in scores.items()}})
                     acc.wait_for_everyone()
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
         bar.close()
+        if self.ema is not None:  # what the run exports: the averaged weights
+            self.trainable.load_state_dict(self.ema.module.state_dict())
         self.write_digest()
         if self.is_main:
             plot_metrics(self.run / "metrics.jsonl", self.run / "loss.png", title=self.name)
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The trainable network holds the moving average inside the block (no-op without ema_decay)."""
+        if self.ema is None:
+            yield
+            return
+        raw = {k: v.detach().clone() for k, v in self.trainable.state_dict().items()}
+        self.trainable.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            self.trainable.load_state_dict(raw)
 
     def _agreed(self, flag: bool) -> bool:
         """A stop request seen by any process stops them all at the same step."""
