@@ -228,6 +228,11 @@ def held_out_prompt(report: dict) -> str:
     return prompt_of("sdxl", *parse_group(report["data"]["test_groups"][0]))
 
 
+def _per_pair(scores: dict, key: str) -> str:
+    """The per-pair baseline's figure, for reports made since it exists."""
+    return f", per-pair {scores[key]:.3f}" if key in scores else ""
+
+
 def held_out_summary(report: dict, prompt: str) -> str:
     """What the demo's checkpoint does on the suite's test tasks, next to the baselines (no claims)."""
     s1, s2 = report["stage1"]["test"], report["stage2"]["test"]
@@ -238,14 +243,16 @@ def held_out_summary(report: dict, prompt: str) -> str:
         f"(held out from training). On those test tasks:",
         f"  Stage-I response map cosine {s1['map_cos']:.3f}   (training mean map {s1['mean_map_cos']:.3f})",
         f"  LoRA dW cosine, shared part removed {s2['dw_cos_centered']:.3f}   (per-word average of training LoRAs "
-        f"{s2.get('per_word_dw_cos_centered', float('nan')):.3f}; an empty LoRA, predicting nothing, "
+        f"{s2.get('per_word_dw_cos_centered', float('nan')):.3f}{_per_pair(s2, 'per_pair_dw_cos_centered')}; an "
+        f"empty LoRA, predicting nothing, "
         f"{s2.get('zero_dw_cos_centered', float('nan')):.3f})",
         f"  predicted dW norm / ground truth {s2.get('dw_norm_ratio', float('nan')):.2f}   (1: as large as the "
         f"task's own LoRA; near 0: a prediction of almost nothing)",
         f"  own task retrieved first {s2['retrieval_heldout']:.2f}   "
         f"(per-word {s2.get('per_word_retrieval_heldout', 0):.2f})",
         f"  diffusion loss gap closed {s2['gap_pred']:.2f}   (1 = the task's own trained LoRA; mean LoRA "
-        f"{s2['gap_mean']:.2f}, norm-matched constant {s2['gap_constant']:.2f}, another task's LoRA "
+        f"{s2['gap_mean']:.2f}, norm-matched constant {s2['gap_constant']:.2f}{_per_pair(s2, 'gap_per_pair')}, "
+        f"another task's LoRA "
         f"{s2['gap_swap']:.2f})",
         *([f"  for scale, another LoRA of the same task (fresh clips, a second run): map {c['map_cos']:.3f}, dW "
            f"{c['dw_cos_centered']:.3f}, retrieved first {c['retrieval_heldout']:.2f}, gap closed {c['gap_pred']:.2f}"]
