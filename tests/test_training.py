@@ -87,6 +87,18 @@ def test_noise_ceiling_is_another_lora_of_the_same_tasks_on_fresh_clips(suite):
     assert "another LoRA of the same task" in (workdir / "report.md").read_text()
 
 
+def test_report_says_how_much_of_the_loras_words_and_word_pairs_explain(suite):
+    """The suite measures the data's structure on all tasks, with run noise from the ceiling's second LoRAs of the
+    12 held-out tasks: word pairs explain more than words alone, and the shares are shares."""
+    workdir, report = suite
+    e = report["structure"]
+    assert e["tasks"] == report["data"]["train_tasks"] + 12 and e["replicates"] == 12, e
+    assert 0 < e["words"] < e["pairs"] < 1 and 0 < e["noise"] < 1, e
+    assert 0 <= e["beyond_pairs"] <= e["left_by_pairs"], e
+    assert abs(e["pairs"] + e["left_by_pairs"] - 1) < 1e-3, e
+    assert "What a prompt can tell" in (workdir / "report.md").read_text()
+
+
 def test_held_out_predictions_beat_the_constant_baselines(suite):
     """On test tasks the task-specific part of the prediction resembles the task's LoRA's, and the prediction
     closes more of the diffusion-loss gap than the mean LoRA, the norm-matched constant LoRA and another task's

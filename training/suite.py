@@ -207,6 +207,7 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
         fresh = synthetic.make_tasks(workdir / "tasks_fresh", family, seed=synthetic.FRESH_CLIPS_SEED,
                                      palettes=tuple(grid["palettes"]), patterns=tuple(grid["patterns"]))
         report["ceiling"] = noise_ceiling(workdir, build, s2, fresh, base_key, Path(report["checkpoint"]))
+        report["structure"] = lora_structure(workdir, s2)
     if ablation:
         single_key = {"base": base_key, "build": to_dict(build), "single_stage": to_dict(single),
                       "condition": condition}
@@ -253,6 +254,21 @@ def noise_ceiling(workdir: Path, build: BuildConfig, run: Stage2Config, fresh_ta
     scores = ceiling_scores(run, folder, tau)
     cache.write_text(json.dumps({"key": key, "scores": scores}, indent=1))
     return scores
+
+
+def lora_structure(workdir: Path, run: Stage2Config) -> dict:
+    """How much of the LoRAs' task-specific energy words, word pairs and run noise account for (`structure.py`;
+    run noise from the noise ceiling's second LoRAs)."""
+    from .ceiling import REPLICATE_DIR
+    from .dataset import SampleStore, read_samples
+    from .runs import Data
+    from .structure import interaction_energy
+
+    data = Data(run, need_latents=False)
+    folder = workdir / REPLICATE_DIR
+    replicates = SampleStore(folder, read_samples(folder), data.catalog, data.spec)
+    energy = interaction_energy(data.store, data.train + data.val + data.test, replicates)
+    return {k: round(v, 4) for k, v in energy.items()}
 
 
 def run_adaptation(workdir: Path, build: BuildConfig, run: Stage2Config, checkpoint: Path, eval_every: int) -> dict:
@@ -419,5 +435,10 @@ def write_report(workdir: Path, report: dict) -> None:
             lines.append(f"| {task} | {'not within the run' if math.isinf(u) else int(u)} | "
                          f"{'not within the run' if math.isinf(p) else int(p)} | {bound}{r:.1f}x |")
         lines.append(f"| median | | | {_fmt(a['median_speedup'])}x |")
+    if "structure" in report:
+        e = report["structure"]
+        lines += ["", f"What a prompt can tell (`training/structure.py`, all {int(e['tasks'])} tasks, shares of the "
+                  f"mean-removed LoRA energy): words {_fmt(e['words'])}, words and word pairs {_fmt(e['pairs'])}, "
+                  f"run noise {_fmt(e['noise'])}, beyond word pairs (after noise) {_fmt(e['beyond_pairs'])}."]
     lines += ["", "Goals:", ""] + [f"* {Goal(**g).line()}" for g in report["goals"]]
     (workdir / f"{name}.md").write_text("\n".join(lines) + "\n")
