@@ -4,6 +4,7 @@ which the nodes and the held-out evaluation call."""
 
 from __future__ import annotations
 
+import itertools
 import types
 
 import torch
@@ -14,7 +15,7 @@ from lofa_core.factory import SMALL, new_hypernet
 from lofa_core.families import build_catalog
 from lofa_core.families.wan import TEXT_CONDITION
 from lofa_core.predict import predict
-from training.batches import batch_prompts, contexts_for, make_groups
+from training.batches import batch_prompts, contexts_for, jitter_pose_frames, make_groups
 from training.stage2 import Frozen, frozen_stage1_features
 from training.untrained import randomise_lora_heads_
 
@@ -86,3 +87,23 @@ def test_stage2_says_which_size_settings_its_stage1_overrides(capsys):
     cfg.hypernet.d_model = SMALL["d_model"]
     build_stage2(cfg, net.stage1, alpha_init=1.0)
     assert capsys.readouterr().out == ""
+
+
+def test_pose_jitter_moves_each_samples_frames_as_a_whole_and_only_when_asked():
+    """Training-time pose jitter shifts every frame of a sample by the same few pixels (the pose itself is
+    unchanged), draws a shift per sample from the step's generator, and is off at 0."""
+    frames = torch.zeros(6, 3, 4, 16, 16)
+    frames[:, :, :, 6:10, 5:9] = torch.rand(6, 3, 4, 4, 4)  # a blob well inside the frame
+    assert torch.equal(jitter_pose_frames(frames, 0, torch.Generator().manual_seed(0)), frames)
+    moved = jitter_pose_frames(frames, 2, torch.Generator().manual_seed(0))
+    again = jitter_pose_frames(frames, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again) and moved.shape == frames.shape
+    offsets = set()
+    for i in range(6):
+        found = None
+        for dy, dx in itertools.product(range(-2, 3), repeat=2):
+            if torch.equal(moved[i], torch.roll(frames[i], shifts=(dy, dx), dims=(-2, -1))):
+                found = (dy, dx)
+        assert found is not None, f"sample {i} is not a whole-frame shift of at most 2 pixels"
+        offsets.add(found)
+    assert len(offsets) > 1  # each sample draws its own shift

@@ -74,6 +74,19 @@ class Prompts:
         return net.encode_collapsed(self.tokens, self.log_counts, self.pooled)
 
 
+def jitter_pose_frames(frames: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Pose frames [S, 3, T, H, W], each sample shifted by its own random (dy, dx) of up to `max_shift` pixels
+    (zero fill): the same pose slightly off-centre, so that a pose encoder trained on a few hundred fixed frame
+    sets cannot tell them apart by exact pixels."""
+    if max_shift <= 0:
+        return frames
+    m = max_shift
+    padded = torch.nn.functional.pad(frames, (m, m, m, m))
+    h, w = frames.shape[-2:]
+    shifts = torch.randint(0, 2 * m + 1, (frames.shape[0], 2), generator=gen).tolist()
+    return torch.stack([padded[i, ..., dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(shifts)])
+
+
 def batch_prompts(conditions: list[Condition], device: torch.device,
                   captions: list[Condition] | None = None) -> Prompts:
     """Stack a batch's conditions and, when given, the captions the base model reads (diffusion loss only)."""

@@ -67,6 +67,7 @@ class RunConfig:
     image_feature: str = "penultimate_hidden_states"  # image conditions: which CLIP vision output to use
     pose_frames: int = 16  # pose conditions: frames and frame size the pose encoder takes
     pose_size: int = 64
+    pose_jitter: int = 0  # pose conditions: shift each training sample's frames by up to this many pixels (0: off)
     optim: OptimConfig = field(default_factory=OptimConfig)
     hypernet: HypernetSizes = field(default_factory=HypernetSizes)
 

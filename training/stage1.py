@@ -17,7 +17,7 @@ from lofa_core.hypernet import Stage1Net
 from lofa_core.response import response_map
 from lofa_core.targets import TargetCatalog
 
-from .batches import Prompts, ShapeGroup, batch_prompts, contexts_for, make_groups
+from .batches import Prompts, ShapeGroup, batch_prompts, contexts_for, jitter_pose_frames, make_groups
 from .config import Stage1Config
 from .dataset import SampleStore
 
@@ -69,4 +69,6 @@ def stage1_batch(store: SampleStore, train: list, weights: dict[str, torch.Tenso
             items.append((si, t))
             maps.append(response_map(store.delta(sample, t.path), weights[t.path], cfg.tau))
     prompts = batch_prompts([store.condition(s) for s in chosen], device)
+    if prompts.log_counts is None:  # pose frames
+        prompts.tokens = jitter_pose_frames(prompts.tokens, cfg.pose_jitter, gen)
     return make_groups(items, weights, device, {"target": maps}), prompts

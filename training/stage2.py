@@ -21,7 +21,7 @@ from lofa_core.hypernet import Stage1Net, Stage2Net
 from lofa_core.targets import TargetCatalog
 
 from .base_models import BaseModel
-from .batches import Prompts, ShapeGroup, batch_prompts, contexts_for, make_groups
+from .batches import Prompts, ShapeGroup, batch_prompts, contexts_for, jitter_pose_frames, make_groups
 from .config import HypernetSizes, Stage2Config
 from .dataset import SampleStore
 from .injection import inject
@@ -142,6 +142,8 @@ def stage2_batch(store: SampleStore, train: list, weights: dict[str, torch.Tenso
             deltas.append(store.delta(sample, t.path))
     prompts = batch_prompts([store.condition(s) for s in chosen], device,
                             [store.caption(s) for s in chosen] if cfg.lambda_diff else None)
+    if prompts.log_counts is None:  # pose frames
+        prompts.tokens = jitter_pose_frames(prompts.tokens, cfg.pose_jitter, gen)
     groups = make_groups(items, weights, device, {"delta": deltas})
     if frozen.stage1 is not None:
         with torch.no_grad():
