@@ -140,8 +140,9 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
     settings = suite_settings(overrides, family)
     workdir.mkdir(parents=True, exist_ok=True)
     grid = settings["tasks"]
+    motions = int(grid.get("motions", 3))  # 4: one more motion word, one more training example per pair
     extra_words = tuple(sorted(set(grid["palettes"]) - set(synthetic.PALETTES))) + tuple(
-        sorted(set(grid["patterns"]) - set(synthetic.PATTERNS)))
+        sorted(set(grid["patterns"]) - set(synthetic.PATTERNS))) + synthetic.EXTRA_MOTIONS[:motions - 3]
     if family == wan.NAME:
         raw_base = str(tiny_models.make_tiny_wan(workdir / "base" / "tiny_wan.safetensors"))
         encoder_dir = "text_encoder" + "".join(f"_{w}" for w in extra_words)  # its vocabulary has the grid's words
@@ -151,7 +152,7 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
     else:
         raw_base = base_model
     tasks = synthetic.make_tasks(workdir / "tasks", family, palettes=tuple(grid["palettes"]),
-                                 patterns=tuple(grid["patterns"]))
+                                 patterns=tuple(grid["patterns"]), motions=motions)
     base_key = {"source": Path(raw_base).name, **settings["base"]}
     if grid != SMALL_GRID:  # (the 45-task grid keeps the cache keys it always had)
         base_key["tasks"] = grid
@@ -205,7 +206,8 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
               "stage1": last_eval(Path(s1.out)), "stage2": last_eval(Path(s2.out))}
     if condition == "text":
         fresh = synthetic.make_tasks(workdir / "tasks_fresh", family, seed=synthetic.FRESH_CLIPS_SEED,
-                                     palettes=tuple(grid["palettes"]), patterns=tuple(grid["patterns"]))
+                                     palettes=tuple(grid["palettes"]), patterns=tuple(grid["patterns"]),
+                                     motions=motions)
         report["ceiling"] = noise_ceiling(workdir, build, s2, fresh, base_key, Path(report["checkpoint"]))
         report["structure"] = lora_structure(workdir, s2)
     if ablation:

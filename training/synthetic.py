@@ -33,6 +33,9 @@ PALETTES = ("pale", "vivid", "warm")  # which channels carry the pattern, and ho
 EXTRA_PATTERNS = ("waves", "spots", "grid")
 EXTRA_PALETTES = ("cool", "deep", "dim", "bright")
 MOTIONS = ("still", "drifting", "flickering")  # WAN (video latents have a time axis)
+# a fourth motion (suite setting tasks.motions = 4, WAN only): one more training example of every palette-pattern
+# pair; the held-out tasks stay the same
+EXTRA_MOTIONS = ("fading",)
 INTENSITIES = ("faint", "bold", "inverted")  # SDXL (images)
 # whole tasks held out, each palette twice and each motion/intensity twice per split
 VAL = {("pale", "columns", 0), ("vivid", "diagonals", 1), ("warm", "rings", 0), ("pale", "checks", 1),
@@ -88,7 +91,7 @@ def make_latents(family: str, palette: str, pattern: str, third: int, count: int
         amp = 0.8 + 0.4 * float(torch.rand(1, generator=gen))
         base = _pattern(pattern, 8, phase)
         if family == wan.NAME:
-            second = {0: base, 1: _pattern(pattern, 8, phase + math.pi / 2), 2: -base}[third]
+            second = {0: base, 1: _pattern(pattern, 8, phase + math.pi / 2), 2: -base, 3: 0.25 * base}[third]
             frames = torch.stack([base, second])  # [T=2, H, W]
             latent = amp * weights.view(-1, 1, 1, 1) * frames.unsqueeze(0)
         else:
@@ -104,31 +107,38 @@ def split_of(palette: str, pattern: str, third: int) -> str:
 
 def prompt_of(family: str, palette: str, pattern: str, third: int) -> str:
     if family == wan.NAME:
-        return f"a {palette} {pattern} pattern that is {MOTIONS[third]}"
+        return f"a {palette} {pattern} pattern that is {(MOTIONS + EXTRA_MOTIONS)[third]}"
     return f"a {palette} {pattern} pattern , {INTENSITIES[third]}"
 
 
-def _group_seeds(palettes: tuple[str, ...], patterns: tuple[str, ...]) -> dict[tuple[str, str, int], int]:
+def _group_seeds(palettes: tuple[str, ...], patterns: tuple[str, ...],
+                 motions: int = 3) -> dict[tuple[str, str, int], int]:
     """A fixed seed offset per group: the default grid's groups keep theirs whatever grid they are part of."""
     default = list(itertools.product(PALETTES, PATTERNS, range(3)))
     extra = [g for g in itertools.product(palettes, patterns, range(3)) if g not in default]
-    return {g: i for i, g in enumerate(default)} | {g: 1000 + i for i, g in enumerate(extra)}
+    fourth = list(itertools.product(palettes, patterns, range(3, motions)))
+    return ({g: i for i, g in enumerate(default)} | {g: 1000 + i for i, g in enumerate(extra)}
+            | {g: 2000 + i for i, g in enumerate(fourth)})
 
 
 def make_tasks(folder: Path, family: str, seed: int = 0, palettes: tuple[str, ...] = PALETTES,
-               patterns: tuple[str, ...] = PATTERNS) -> Path:
+               patterns: tuple[str, ...] = PATTERNS, motions: int = 3) -> Path:
     """Latents ("latents": training clips, "heldout": clips for evaluation) and tasks.jsonl for every
-    (palette, pattern, motion/intensity) group; returns tasks.jsonl."""
+    (palette, pattern, motion/intensity) group, with the first `motions` motions; returns tasks.jsonl."""
     unknown = sorted(set(palettes) - set(PALETTES + EXTRA_PALETTES)) + sorted(
         set(patterns) - set(PATTERNS + EXTRA_PATTERNS))
     missing = sorted({w for combo in VAL | TEST for w in combo[:2]} - set(palettes) - set(patterns))
     if unknown or missing:
         raise SystemExit(f"task grid: unknown words {unknown}, missing words of the held-out tasks {missing}")
+    most = len(MOTIONS + EXTRA_MOTIONS) if family == wan.NAME else 3
+    if not 3 <= motions <= most:
+        raise SystemExit(f"task grid: tasks.motions is {motions}; use 3 to {most} for {family} "
+                         "(the held-out tasks need the first three)")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "latents").mkdir(exist_ok=True)
     lines = []
-    seeds = _group_seeds(tuple(palettes), tuple(patterns))
-    for palette, pattern, third in itertools.product(palettes, patterns, range(3)):
+    seeds = _group_seeds(tuple(palettes), tuple(patterns), motions)
+    for palette, pattern, third in itertools.product(palettes, patterns, range(motions)):
         group = f"{palette}_{pattern}_{third}"
         path = folder / "latents" / f"{group}.safetensors"
         if not path.exists():
@@ -156,20 +166,23 @@ def parse_group(group: str) -> tuple[str, str, int]:
 
 def render_style_image(palette: str, pattern: str, third: int, size: int = 64) -> torch.Tensor:
     """A 'style image' [size, size, 3] in [0, 1] showing the task: its pattern, in its palette's colour,
-    plain / hatched / inverted for the third word."""
+    plain / hatched / inverted / dimmed for the third word."""
     m = (_pattern(pattern, size, 0.0) + 1) / 2
     if third == 1:
         y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
         m = m * (0.55 + 0.45 * (((x + y) // 4) % 2))
     elif third == 2:
         m = 1 - m
+    elif third == 3:
+        m = 0.4 * m
     color = torch.tensor(COLORS[palette])
     return (m.unsqueeze(-1) * color).clamp(0, 1)
 
 
 def render_pose_frames(palette: str, pattern: str, third: int, frames: int = 8, size: int = 32) -> torch.Tensor:
     """Rendered 'pose' frames [frames, size, size, 3]: a limb from the centre whose start angle follows the
-    pattern, whose motion follows the third word (still / turning / swinging) and whose thickness the palette."""
+    pattern, whose motion follows the third word (still / turning / swinging / turning back) and whose thickness
+    the palette."""
     index = PATTERNS.index(pattern) if pattern in PATTERNS else EXTRA_PATTERNS.index(pattern) + 0.5
     angle0 = index * 2 * math.pi / len(PATTERNS)
     width = {"pale": 1.2, "vivid": 3.0, "warm": 2.0, "cool": 1.6, "deep": 2.5, "dim": 1.0, "bright": 3.5}[palette]
@@ -178,7 +191,7 @@ def render_pose_frames(palette: str, pattern: str, third: int, frames: int = 8, 
     c = (size - 1) / 2
     out = []
     for f in range(frames):
-        angle = angle0 + {0: 0.0, 1: f * math.pi / 8, 2: (math.pi / 4) * (-1) ** f}[third]
+        angle = angle0 + {0: 0.0, 1: f * math.pi / 8, 2: (math.pi / 4) * (-1) ** f, 3: -f * math.pi / 8}[third]
         ex, ey = c + 0.42 * size * math.cos(angle), c + 0.42 * size * math.sin(angle)
         px, py = x - c, y - c
         dx, dy = ex - c, ey - c
