@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
@@ -10,10 +9,7 @@ from safetensors.torch import load_file
 
 from lofa_core.families import sdxl, wan
 from training import synthetic
-
-
-def read_tasks(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from training.lora_builder import read_tasks
 
 
 def test_a_fourth_motion_adds_one_training_example_per_palette_pattern_pair(tmp_path):
