@@ -6,6 +6,7 @@ import itertools
 import json
 from collections import defaultdict
 
+import pytest
 import torch
 
 from lofa_core.lora_formats import LoRAFactors, PredictedLoRA
@@ -58,6 +59,33 @@ def test_per_word_baseline_recovers_unseen_combinations_of_additive_tasks():
     constant = baselines.constant()["blocks.0.self_attn.q"]
     mean_norm = sum(float(store.delta(s, "blocks.0.self_attn.q").norm()) for s in train) / len(train)
     assert abs(float(constant.norm()) - mean_norm) < 1e-4
+
+
+def test_per_word_map_recovers_the_response_map_of_an_unseen_combination():
+    """Each colour makes one of the first three rows respond and each shape one of the last three: the held-out
+    task's binary map is the sum of its two words' maps, which the per-word map recovers exactly while the mean
+    map blurs it."""
+    path = "blocks.0.self_attn.q"
+    colours, shapes = ("red", "blue", "green"), ("dots", "bars", "waves")
+    row = {w: torch.zeros(6, 5).index_fill_(0, torch.tensor([i]), 1.0) for i, w in enumerate(colours + shapes)}
+    mask = {(c, s): row[c] + row[s] for c in colours for s in shapes}
+    samples = {c: _sample(c) for c in mask}
+    # dW: 0.5 where the task responds (|dW| / |W| = 0.5 > tau), 0.001 elsewhere (below tau)
+    factors = {samples[c].id: {path: LoRAFactors(0.001 + 0.499 * m, torch.eye(5), 1.0)} for c, m in mask.items()}
+    held_out = ("green", "waves")
+    train = [samples[c] for c in mask if c != held_out]
+    baselines = build_baselines(_Store(factors), train, {path: torch.ones(6, 5)}, tau=0.02)
+    truth = mask[held_out]
+    predicted = baselines.per_word_map(samples[held_out])[path]
+    assert float(predicted.min()) >= 0.0 and float(predicted.max()) <= 1.0
+    torch.testing.assert_close(predicted, truth, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(baselines.mean_map[path], truth, atol=0.1)
+    scores = defaultdict(list)
+    lora = PredictedLoRA("wan2.1-t2v", factors[samples[held_out].id])
+    _weight_space_scores(scores, _Store(factors), samples[held_out], {path: torch.ones(6, 5)}, baselines,
+                         {path: baselines.mean_map[path]}, lora, tau=0.02)
+    assert scores["per_word_map_cos"] == [pytest.approx(1.0, abs=1e-5)]
+    assert scores["mean_map_cos"][0] < 0.95
 
 
 def test_suite_steps_rerun_from_scratch_only_when_their_settings_change(tmp_path):

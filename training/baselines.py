@@ -1,6 +1,8 @@
 """What a hypernetwork has to beat: predictors built from the training LoRAs alone, without any network.
 
 * the mean training response map and the mean training LoRA (per target): what every task shares;
+* the per-word response map: the same least squares over the training tasks' binary maps, clipped to [0, 1] (a
+  soft map: the share of such tasks whose weight would respond), Stage-I's strongest simple competitor;
 * a norm-matched constant LoRA: the mean LoRA's direction at the typical training LoRA's norm (a "generic"
   LoRA as strong as a real one);
 * the per-word additive LoRA: least squares `dW ~ c + sum over the prompt's words of b_word` over the
@@ -64,6 +66,7 @@ class Baselines:
     words: WordModel | None
     samples: int
     word_pairs: WordModel | None = None
+    map_words: WordModel | None = None  # the per-word model fitted to the training tasks' binary response maps
 
     def constant(self) -> dict[str, torch.Tensor]:
         """The mean LoRA rescaled, per target, to the training LoRAs' typical norm."""
@@ -74,6 +77,12 @@ class Baselines:
 
     def per_pair(self, sample: Sample) -> dict[str, torch.Tensor] | None:
         return self.word_pairs.predict(task_words(sample)) if self.word_pairs is not None else None
+
+    def per_word_map(self, sample: Sample) -> dict[str, torch.Tensor] | None:
+        """Per target, the per-word least-squares response map of the sample's prompt, clipped to [0, 1]."""
+        if self.map_words is None:
+            return None
+        return {p: m.clamp(0, 1) for p, m in self.map_words.predict(task_words(sample)).items()}
 
     def composed(self) -> dict[str, WordModel]:
         """The composed-from-words baselines that could be built, by report prefix."""
@@ -131,19 +140,25 @@ def build_baselines(store: SampleStore, train: list[Sample], weights: dict[str, 
         models[name] = (model_pairs, solve_matrix(design, ridge))
     maps, deltas, norms = defaultdict(float), defaultdict(float), defaultdict(float)
     coef: dict[str, dict[str, torch.Tensor]] = {name: {} for name in models}
+    map_coef: dict[str, torch.Tensor] = {}
     for i, sample in enumerate(train):
         for t in targets:
             delta = store.delta(sample, t.path)
             deltas[t.path] = deltas[t.path] + delta
             norms[t.path] += float(delta.norm())
-            maps[t.path] = maps[t.path] + response_map(delta, weights[t.path].cpu(), tau)
+            response = response_map(delta, weights[t.path].cpu(), tau)
+            maps[t.path] = maps[t.path] + response
+            if "words" in models:
+                term = models["words"][1][:, i].view(-1, 1, 1) * response
+                map_coef[t.path] = map_coef[t.path] + term if t.path in map_coef else term
             for name, (_, solve) in models.items():
                 term = solve[:, i].view(-1, 1, 1) * delta
                 coef[name][t.path] = coef[name][t.path] + term if t.path in coef[name] else term
     n = max(1, len(train))
     composed = {name: WordModel(vocabulary, coef[name], model_pairs) for name, (model_pairs, _) in models.items()}
     return Baselines({p: m / n for p, m in maps.items()}, {p: d / n for p, d in deltas.items()},
-                     {p: v / n for p, v in norms.items()}, composed.get("words"), len(train), composed.get("pairs"))
+                     {p: v / n for p, v in norms.items()}, composed.get("words"), len(train), composed.get("pairs"),
+                     WordModel(vocabulary, map_coef) if map_coef else None)
 
 
 def shared_energy(store: SampleStore, samples: list[Sample], max_samples: int = 64) -> float:

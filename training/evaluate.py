@@ -114,6 +114,7 @@ def _weight_space_scores(scores, store: SampleStore, sample: Sample, weights, ba
                          tau: float) -> None:
     composed = {name: m.predict(task_words(sample)) for name, m in baselines.composed().items()} if lora is not None \
         else {}
+    word_maps = baselines.per_word_map(sample) if maps is not None else None
     for t in store.catalog.targets:
         gt = store.delta(sample, t.path)
         w = weights[t.path].float().cpu()
@@ -123,6 +124,9 @@ def _weight_space_scores(scores, store: SampleStore, sample: Sample, weights, ba
             scores["map_iou"].append(iou(maps[t.path], gt_map).item())
             scores["mean_map_cos"].append(cosine_similarity(baselines.mean_map[t.path], gt_map).item())
             scores["mean_map_iou"].append(iou(baselines.mean_map[t.path], gt_map).item())
+            if word_maps is not None:
+                scores["per_word_map_cos"].append(cosine_similarity(word_maps[t.path], gt_map).item())
+                scores["per_word_map_iou"].append(iou(word_maps[t.path], gt_map).item())
         if lora is None:
             continue
         mean = baselines.mean_delta[t.path]

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 # what the plot shows of each evaluation: the model next to its strongest simple baselines
-HEADLINE = ("map_cos", "mean_map_cos", "dw_cos_centered", "per_word_dw_cos_centered", "per_pair_dw_cos_centered",
-            "gap_pred", "gap_mean", "gap_per_pair")
+HEADLINE = ("map_cos", "mean_map_cos", "per_word_map_cos", "dw_cos_centered", "per_word_dw_cos_centered",
+            "per_pair_dw_cos_centered", "gap_pred", "gap_mean", "gap_per_pair")
 
 
 def read_metrics(path: Path) -> list[dict]:
