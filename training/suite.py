@@ -60,7 +60,7 @@ DEFAULTS = {
     # (two seeds: raw dW 0.501 / 0.503 against the mean LoRA's 0.452, mean removed 0.371 / 0.374, gap 0.09 / 0.10;
     # without the shift 500 steps gave 0.438 / 0.451 raw and 1,500 steps 0.462, gap -0.03). Its Stage-I: 6,000
     # steps with the same shifts (val map 0.810 vs the mean map's 0.789; unshifted, 6,000 steps peaked at 0.799 and
-    # fell to 0.786, and 1,500 gave 0.794); the Stage-II above on it: raw 0.623, mean removed 0.544, gap 0.455
+    # fell to 0.786, 0.794 at its step 1,500); the Stage-II above on it: raw 0.623, mean removed 0.544, gap 0.455
     "pose": {"stage1": {"pose_frames": 8, "pose_size": 32, "steps": 6000, "pose_jitter": 2},
              "stage2": {"steps": 1500, "pose_jitter": 2, "optim": {"lr": 1e-3}}},
     # two pooled image features (two CLIP vision models of different widths) mixed by a gate (DiffLoRA MIF)
