@@ -69,6 +69,33 @@ def test_ground_truth_loras_are_task_specific(suite):
     assert report["stage2"]["test"]["latents_held_out"] == 1.0
 
 
+def test_stage2_learns_from_the_mean_of_two_loras_per_training_task(suite):
+    """The text suite's Stage-II trains on the mean of each training task's LoRA and a second LoRA of the task
+    (fresh clips, another run); held-out tasks keep their own LoRA, so what is scored does not change."""
+    from training.config import Stage2Config, load_config
+    from training.dataset import SampleStore
+    from training.runs import Data
+
+    workdir, report = suite
+    assert report["data"]["loras_per_task"] == 2
+    run = load_config(Stage2Config, workdir / "configs" / "stage2.json")
+    assert Path(run.dataset) == workdir / "dataset_mean2"
+    averaged = Data(run, need_latents=False)
+    first = Data(load_config(Stage2Config, workdir / "configs" / "stage2.json", [f"dataset={workdir / 'dataset'}"]),
+                 need_latents=False).store
+    folder = workdir / "dataset_train_replicate1"
+    second = SampleStore(folder, read_samples(folder), averaged.catalog, averaged.spec)
+    by_group = {s.group: s for s in second.samples}
+    assert set(by_group) == {s.group for s in first.split("train")}  # every training task, no held-out one
+    path = averaged.catalog.targets[0].path
+    sample = averaged.train[0]
+    one, two = first.delta(first.by_id[sample.id], path), second.delta(by_group[sample.group], path)
+    torch.testing.assert_close(averaged.store.delta(sample, path), (one + two) / 2, rtol=1e-5, atol=1e-8)
+    assert float((one - two).norm()) > 0.05 * float(one.norm())  # another run, not a copy
+    test = averaged.test[0]
+    assert torch.equal(averaged.store.delta(test, path), first.delta(first.by_id[test.id], path))
+
+
 def test_noise_ceiling_is_another_lora_of_the_same_tasks_on_fresh_clips(suite):
     """The report scores a second LoRA of each held-out task, trained on newly drawn clips of that task by another
     run, like the predictions: it is nearest to its own task's LoRA and closes more of the loss gap than the mean
