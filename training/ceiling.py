@@ -13,39 +13,16 @@ prompt tells.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 from lofa_core.lora_formats import PredictedLoRA
 from lofa_core.response import response_map
 
-from .config import BuildConfig, Stage2Config
+from .config import Stage2Config
 from .dataset import SampleStore, read_samples
 from .evaluate import score_predictions
 
 REPLICATE_DIR = "dataset_replicate"
-
-
-def heldout_tasks(tasks: Path, out: Path) -> Path:
-    """The held-out (`val` and `test`) lines of a tasks.jsonl, with latents paths made absolute."""
-    lines = []
-    for line in tasks.read_text().splitlines():
-        if line.strip():
-            task = json.loads(line)
-            if task.get("split", "train") != "train":
-                task["latents"] = str((tasks.parent / task["latents"]).resolve())
-                lines.append(json.dumps(task))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(f"{line}\n" for line in lines))
-    return out
-
-
-def replicate_build(build: BuildConfig, tasks: Path, out: Path) -> BuildConfig:
-    """The same LoRA training for the held-out tasks in `tasks` (give it fresh clips), as another run: other
-    seeds."""
-    return dataclasses.replace(build, tasks=str(tasks), out=str(out), seed=build.seed + 1,
-                               init_seed=build.init_seed + 1)
 
 
 def ceiling_scores(run: Stage2Config, replicates: Path, tau: float) -> dict[str, dict]:

@@ -25,13 +25,13 @@ from .dataset import SampleStore, read_records, read_samples
 from .encoding import write_metadata
 
 
-def training_tasks(tasks: Path, out: Path) -> Path:
-    """The training (`split` "train") lines of a tasks.jsonl, with latents paths made absolute."""
+def select_tasks(tasks: Path, out: Path, held_out: bool) -> Path:
+    """The held-out (`val`, `test`) or the training lines of a tasks.jsonl, with latents paths made absolute."""
     lines = []
     for line in tasks.read_text().splitlines():
         if line.strip():
             task = json.loads(line)
-            if task.get("split", "train") == "train":
+            if (task.get("split", "train") != "train") == held_out:
                 task["latents"] = str((tasks.parent / task["latents"]).resolve())
                 lines.append(json.dumps(task))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def training_tasks(tasks: Path, out: Path) -> Path:
     return out
 
 
-def replicate_build(build: BuildConfig, tasks: Path, out: Path, replicate: int) -> BuildConfig:
+def replicate_build(build: BuildConfig, tasks: Path, out: Path, replicate: int = 1) -> BuildConfig:
     """The `replicate`-th extra LoRA of every task in `tasks` (give it newly drawn clips): the same recipe as
     another run, seeds shifted by `replicate` (1 is the noise ceiling's run)."""
     return dataclasses.replace(build, tasks=str(tasks), out=str(out), seed=build.seed + replicate,

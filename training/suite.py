@@ -251,7 +251,7 @@ def averaged_targets(workdir: Path, build: BuildConfig, train_set: Path, out: Pa
     """`out`: `train_set` with each training task's LoRA replaced by the mean of it and `loras_per_task - 1`
     more LoRAs of the task, each trained on its own newly drawn clips by another run (`replicates.py`)."""
     from .lora_builder import build_loras
-    from .replicates import averaged_dataset, replicate_build, training_tasks
+    from .replicates import averaged_dataset, replicate_build, select_tasks
     from .runs import Data
 
     folders, keys = [], []
@@ -259,7 +259,7 @@ def averaged_targets(workdir: Path, build: BuildConfig, train_set: Path, out: Pa
         fresh = synthetic.make_tasks(workdir / f"tasks_fresh{'' if r == 1 else r}", family,
                                      seed=synthetic.FRESH_CLIPS_SEED * r, palettes=tuple(grid["palettes"]),
                                      patterns=tuple(grid["patterns"]), motions=motions)
-        cfg = replicate_build(build, training_tasks(fresh, fresh.parent / "train.jsonl"),
+        cfg = replicate_build(build, select_tasks(fresh, fresh.parent / "train.jsonl", held_out=False),
                               workdir / f"dataset_train_replicate{r}", r)
         folder = Path(cfg.out)
         _once(folder, folder / "metadata.jsonl", {"base": base_key, **to_dict(cfg)}, lambda cfg=cfg: build_loras(cfg))
@@ -288,10 +288,11 @@ def noise_ceiling(workdir: Path, build: BuildConfig, run: Stage2Config, fresh_ta
     another run, scored like the predictions (`ceiling.py`)."""
     from lofa_core.checkpoint import load_checkpoint
 
-    from .ceiling import REPLICATE_DIR, ceiling_scores, heldout_tasks, replicate_build
+    from .ceiling import REPLICATE_DIR, ceiling_scores
     from .lora_builder import build_loras
+    from .replicates import replicate_build, select_tasks
 
-    heldout = heldout_tasks(fresh_tasks, fresh_tasks.parent / "heldout.jsonl")
+    heldout = select_tasks(fresh_tasks, fresh_tasks.parent / "heldout.jsonl", held_out=True)
     replicate = replicate_build(build, heldout, workdir / REPLICATE_DIR)
     folder = Path(replicate.out)
     _once(folder, folder / "metadata.jsonl", {"base": base_key, **to_dict(replicate)}, lambda: build_loras(replicate))
