@@ -265,9 +265,12 @@ def averaged_targets(workdir: Path, build: BuildConfig, train_set: Path, out: Pa
         _once(folder, folder / "metadata.jsonl", {"base": base_key, **to_dict(cfg)}, lambda cfg=cfg: build_loras(cfg))
         folders.append(folder)
         keys.append(to_dict(cfg))
-    store = Data(dataclasses.replace(run, dataset=str(train_set)), need_latents=False).store
-    return _once(out, out / "metadata.jsonl", {"dataset": str(train_set), "replicates": keys},
-                 lambda: averaged_dataset(train_set, folders, out, store))
+
+    def make() -> None:  # reads and validates the dataset only when the averaged one must be (re)built
+        store = Data(dataclasses.replace(run, dataset=str(train_set)), need_latents=False).store
+        averaged_dataset(train_set, folders, out, store)
+
+    return _once(out, out / "metadata.jsonl", {"dataset": str(train_set), "replicates": keys}, make)
 
 
 def data_report(build: BuildConfig, run: Stage2Config) -> dict:
