@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 CI_SUITE = [f"tasks={json.dumps(SMALL_GRID)}",
             "base.steps=300", "build.steps=150", "stage1.steps=200", "stage1.eval_every=200", "stage1.log_every=5",
             "stage2.steps=300", "stage2.batch_size=2", "stage2.eval_every=300", "stage2.log_every=5",
-            "single_stage.steps=20", "adaptation.eval_every=25"]
+            "single_stage.steps=20", "adaptation.eval_every=25", "loras_per_task=2"]
 CI_VARIANTS = [f"{v}.{stage}.steps={n}" for v in ("image", "pose", "image-mix")
                for stage, n in (("stage1", 60), ("stage2", 100))]
 
