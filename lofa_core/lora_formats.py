@@ -9,7 +9,7 @@ factors and store alpha 1 (see `to_file_state_dict`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +70,28 @@ def to_lora_model(lora: PredictedLoRA, dtype: torch.dtype | None = None,
                   metadata: Mapping[str, str] | None = None) -> LoRAModel:
     """ComfyUI LORA_MODEL dict: `diffusion_model.<path>.lora_up.weight`, `.lora_down.weight`, `.alpha`."""
     return LoRAModel(to_state_dict(lora, STYLE_COMFYUI, dtype), metadata)
+
+
+def average_loras(loras: Sequence[PredictedLoRA]) -> PredictedLoRA:
+    """The LoRA whose every update is the mean of the given LoRAs' updates, exactly: their factors side by side
+    (rank = the sum of their ranks), each up scaled by its scale / n. Averaging the LoRAs of several LoFA models
+    (an ensemble) lowers each model's own error the way averaging several training runs lowers run noise."""
+    if not loras:
+        raise ValueError("average_loras needs at least one LoRA")
+    family, paths = loras[0].family, list(loras[0].factors)
+    for i, lora in enumerate(loras[1:], 1):
+        if lora.family != family or set(lora.factors) != set(paths):
+            missing = sorted(set(paths) ^ set(lora.factors))[:3]
+            raise LoRAFormatError(f"LoRA {i} cannot be averaged with LoRA 0: it is for {lora.family} (LoRA 0: "
+                                  f"{family}) or targets other layers ({', '.join(missing) or 'none differ'}); "
+                                  f"average only LoRAs of checkpoints trained for the same base model and targets")
+    n = len(loras)
+    factors = {}
+    for path in paths:
+        parts = [lora.factors[path] for lora in loras]
+        factors[path] = LoRAFactors(torch.cat([f.up.float() * (f.scale / n) for f in parts], dim=1),
+                                    torch.cat([f.down.float() for f in parts], dim=0), 1.0)
+    return PredictedLoRA(family, factors)
 
 
 def fold_scale(f: LoRAFactors) -> LoRAFactors:

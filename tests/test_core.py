@@ -20,6 +20,7 @@ from lofa_core.hypernet import LoFAHypernet, normalise_columns
 from lofa_core.lora_formats import (
     LoRAFactors,
     PredictedLoRA,
+    average_loras,
     read_lora_state_dict,
     to_state_dict,
 )
@@ -162,6 +163,23 @@ def test_truncate_rank_is_the_best_low_rank_approximation():
     u, s, vh = torch.linalg.svd(f.delta())
     best = (u[:, :2] * s[:2]) @ vh[:2]
     torch.testing.assert_close(t.delta(), best, rtol=1e-4, atol=1e-5)
+
+
+def test_average_of_loras_is_the_mean_update_exactly():
+    """An ensemble's LoRA: every target's update is the mean of the members' updates (ranks and scales differ)."""
+    g = torch.Generator().manual_seed(0)
+    members = [PredictedLoRA("x", {p: LoRAFactors(torch.randn(8, r, generator=g), torch.randn(r, 5, generator=g),
+                                                  scale) for p in ("a", "b")})
+               for r, scale in ((3, 0.25), (2, -1.5), (4, 1.0))]
+    mean = average_loras(members)
+    for p in ("a", "b"):
+        expected = sum(m.factors[p].delta() for m in members) / 3
+        torch.testing.assert_close(mean.factors[p].delta(), expected, rtol=1e-5, atol=1e-6)
+        assert mean.factors[p].rank == 9
+    assert torch.equal(average_loras(members[:1]).factors["a"].delta(), members[0].factors["a"].delta())
+    other = PredictedLoRA("x", {"a": members[0].factors["a"]})
+    with pytest.raises(LoRAFormatError, match="targets other layers .*b"):
+        average_loras([members[0], other])
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):

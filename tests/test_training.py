@@ -165,6 +165,29 @@ def test_single_stage_ablation_trains_without_stage1_and_predicts(suite, comfy, 
     assert any(k.endswith("lora_up.weight") for k in lora)
 
 
+def test_evaluate_scores_a_checkpoint_as_its_run_did_and_averages_several(suite, tmp_path):
+    """`python -m training evaluate` reproduces the run's own final test figures for its checkpoint; given the
+    two-stage and the single-stage checkpoint it scores the average of their LoRAs (something else); and it
+    does not overwrite an existing --out file."""
+    from training.config import Stage2Config, load_config
+    from training.ensemble import evaluate_checkpoints
+
+    workdir, report = suite
+    run = load_config(Stage2Config, workdir / "configs" / "stage2.json")
+    two_stage, single = workdir / "stage2" / "lofa.safetensors", workdir / "single_stage" / "lofa.safetensors"
+    own = evaluate_checkpoints(run, [two_stage], ["test"])["test"]
+    for key in ("dw_cos_centered", "gap_pred", "map_cos", "retrieval_heldout"):
+        assert own[key] == pytest.approx(report["stage2"]["test"][key], abs=1e-4), key
+    both = evaluate_checkpoints(run, [two_stage, single], ["test"])["test"]
+    assert both["map_cos"] == pytest.approx(own["map_cos"], abs=1e-4)  # only the two-stage model has maps
+    assert abs(both["dw_cos_centered"] - own["dw_cos_centered"]) > 1e-3
+    out = tmp_path / "scores.json"
+    out.write_text("mine")
+    again = _run(["-m", "training", "evaluate", "--config", str(workdir / "configs" / "stage2.json"),
+                  "--checkpoint", str(two_stage), "--out", str(out)])
+    assert again.returncode == 1 and "--overwrite" in again.stderr and out.read_text() == "mine"
+
+
 def test_fine_tuning_starts_closer_from_the_lofa_prior(suite):
     """Fine-tuning a test task's LoRA from LoFA's prediction starts with part of the gap already closed and
     reaches the task's LoRA loss no later than from the usual start (on most tasks)."""

@@ -8,6 +8,7 @@
     python -m training stage2 --config stage2.yaml [--resume [CHECKPOINT]] [--set key=value ...]
     python -m training stage2 --single-stage --config stage2.yaml   # the "w/o res." ablation: no Stage-I
     python -m training export --stage1 RUN_OR_FILE --stage2 RUN --out lofa.safetensors
+    python -m training evaluate --config stage2.yaml --checkpoint A.safetensors [--checkpoint B.safetensors]
     python -m training suite --workdir DIR [--family wan2.1-t2v|sdxl]   # the tiny synthetic end-to-end suite
 
 Multi-GPU / multi-node: `accelerate launch --multi_gpu --num_processes N -m training stage1 --config ...`.
@@ -68,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage1", required=True)
     p.add_argument("--stage2", help="a Stage-II run folder (omit for a Stage-I-only checkpoint)")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("evaluate", help="held-out figures of a checkpoint, or of several whose LoRAs are averaged")
+    p.add_argument("--config", help="the run config whose dataset, base model and held-out tasks to use")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--checkpoint", action="append", default=[], required=True, metavar="FILE",
+                   help="a LoFA checkpoint; give several to score the average of their LoRAs (an ensemble)")
+    p.add_argument("--split", action="append", choices=["val", "test"], help="held-out tasks (default: both)")
+    p.add_argument("--out", help="also write the figures to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p = sub.add_parser("suite", help="the tiny synthetic task suite, end to end")
     p.add_argument("--workdir", default="runs/suite")
     p.add_argument("--family", default=wan.NAME, choices=family_names())
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(run_stage2(load_config(Stage2Config, args.config, args.set + extra), args.resume))
     elif args.command == "export":
         return _export(args)
+    elif args.command == "evaluate":
+        return _evaluate(args)
     elif args.command == "suite":
         from .suite import report_name, run_suite
 
@@ -123,6 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         print((Path(args.workdir) / f"{name}.md").read_text())
         print(f"everything: {Path(args.workdir) / name}.json")
         return 0 if all(g["passed"] for g in report["goals"]) else 3
+    return 0
+
+
+def _evaluate(args) -> int:
+    """Print (and with --out write) the held-out figures of the checkpoints' averaged prediction."""
+    import json
+
+    from .ensemble import evaluate_checkpoints, write_scores
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise SystemExit(f"{out} exists; choose another --out or add --overwrite")
+    scores = evaluate_checkpoints(load_config(Stage2Config, args.config, args.set), args.checkpoint,
+                                  args.split or ("val", "test"))
+    print(json.dumps(scores, indent=1))
+    if out is not None:
+        write_scores(scores, args.checkpoint, out)
     return 0
 
 
