@@ -150,7 +150,7 @@ def _evaluate(args) -> int:
                                   args.split or ("val", "test"))
     print(json.dumps(scores, indent=1))
     if out is not None:
-        write_scores(scores, args.checkpoint, out)
+        write_scores(scores, args.checkpoint, out, overwrite=args.overwrite)
     return 0
 
 

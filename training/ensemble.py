@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lofa_core.checkpoint import LoFACheckpoint, load_checkpoint
+from lofa_core.fileio import publish_new_file
 from lofa_core.lora_formats import average_loras
 from lofa_core.targets import check_compatible
 
@@ -78,8 +79,8 @@ def evaluate_checkpoints(run: RunConfig, paths: Sequence[str | Path], splits: Se
     return out
 
 
-def write_scores(scores: dict, paths: Sequence[str | Path], out: Path) -> None:
+def write_scores(scores: dict, paths: Sequence[str | Path], out: Path, overwrite: bool = False) -> None:
+    """Atomically, and never over an existing file unless `overwrite`."""
+    text = json.dumps({"checkpoints": [str(p) for p in paths], **scores}, indent=1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps({"checkpoints": [str(p) for p in paths], **scores}, indent=1))
-    tmp.replace(out)
+    publish_new_file(out, lambda tmp: Path(tmp).write_text(text), overwrite=overwrite)
