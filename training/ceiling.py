@@ -20,7 +20,7 @@ from lofa_core.response import response_map
 
 from .config import Stage2Config
 from .dataset import SampleStore, read_samples
-from .evaluate import score_predictions
+from .evaluate import score_splits
 
 REPLICATE_DIR = "dataset_replicate"
 
@@ -41,11 +41,4 @@ def ceiling_scores(run: Stage2Config, replicates: Path, tau: float) -> dict[str,
         maps = {p: response_map(f.delta(), data.weights[p].float(), tau) for p, f in factors.items()}
         return maps, PredictedLoRA(data.catalog.family, factors)
 
-    out = {}
-    for name, samples in (("val", data.val), ("test", data.test)):
-        samples = [s for s in samples[: run.eval_samples] if s.id in store.by_id]
-        if samples:
-            scores = score_predictions(predictor, data.store, samples, data.weights, data.baselines(tau), tau,
-                                       base=base, seed=run.seed, retrieval_pool=data.train[: run.eval_samples])
-            out[name] = {k: round(v, 4) for k, v in scores.items()}
-    return out
+    return score_splits(run, data, data.weights, base, predictor, tau, keep=lambda s: s.id in store.by_id)

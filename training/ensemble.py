@@ -20,7 +20,7 @@ from lofa_core.lora_formats import average_loras
 from lofa_core.targets import check_compatible
 
 from .config import RunConfig
-from .evaluate import predict_task, score_predictions
+from .evaluate import predict_task, score_splits
 
 SPLITS = ("val", "test")
 
@@ -67,16 +67,7 @@ def evaluate_checkpoints(run: RunConfig, paths: Sequence[str | Path], splits: Se
         mean_maps = {path: sum(m[path] for m in maps) / len(maps) for path in maps[0]} if maps else None
         return mean_maps, average_loras(loras) if loras else None
 
-    tau = members[0].tau
-    out = {}
-    with torch.no_grad():
-        for split in splits:
-            samples = getattr(data, split)[: run.eval_samples]
-            if samples:
-                scores = score_predictions(predictor, data.store, samples, weights, data.baselines(tau), tau,
-                                           base=base, seed=run.seed, retrieval_pool=data.train[: run.eval_samples])
-                out[split] = {k: round(v, 4) for k, v in scores.items()}
-    return out
+    return score_splits(run, data, weights, base, predictor, members[0].tau, splits)
 
 
 def write_scores(scores: dict, paths: Sequence[str | Path], out: Path, overwrite: bool = False) -> None:

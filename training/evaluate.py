@@ -110,6 +110,21 @@ def score_predictions(predictor: Predictor, store: SampleStore, samples: Sequenc
     return out
 
 
+def score_splits(run, data, weights: Mapping[str, torch.Tensor], base: BaseModel | None, predictor: Predictor,
+                 tau: float, splits: Sequence[str] = ("val", "test"),
+                 keep: Callable[[Sample], bool] | None = None) -> dict[str, dict[str, float]]:
+    """{split: rounded metrics} of `predictor` on a run's held-out tasks, with the samples, latents, noise and
+    retrieval pool of the run's own final evaluation (`data`: its `runs.Data`; `keep`: a filter on samples)."""
+    out = {}
+    for name in splits:
+        samples = [s for s in getattr(data, name)[: run.eval_samples] if keep is None or keep(s)]
+        if samples:
+            scores = score_predictions(predictor, data.store, samples, weights, data.baselines(tau), tau, base=base,
+                                       seed=run.seed, retrieval_pool=data.train[: run.eval_samples])
+            out[name] = {k: round(v, 4) for k, v in scores.items()}
+    return out
+
+
 def _weight_space_scores(scores, store: SampleStore, sample: Sample, weights, baselines: Baselines, maps, lora,
                          tau: float) -> None:
     composed = {name: m.predict(task_words(sample)) for name, m in baselines.composed().items()} if lora is not None \
