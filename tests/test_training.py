@@ -96,6 +96,44 @@ def test_stage2_learns_from_the_mean_of_two_loras_per_training_task(suite):
     assert torch.equal(averaged.store.delta(test, path), first.delta(first.by_id[test.id], path))
 
 
+def test_stage1_learns_a_tasks_response_rate_over_its_replicate_loras(suite, tmp_path):
+    """With `replicates`, Stage-I's target for a training task is the mean of its LoRAs' binary response maps
+    (a rate: where the runs disagree it lies strictly between 0 and 1); a replicate dataset that lacks a training
+    task is refused with the folder named."""
+    from lofa_core.response import response_map
+    from training.config import Stage1Config, load_config
+    from training.runs import Data
+    from training.stage1 import load_replicates, response_target, stage1_batch
+
+    workdir, _ = suite
+    folder = workdir / "dataset_train_replicate1"
+    cfg = load_config(Stage1Config, workdir / "configs" / "stage1.json", [f"replicates={json.dumps([str(folder)])}"])
+    data = Data(cfg, need_latents=False)
+    replicates = load_replicates(cfg.replicates, data.store, data.train)
+    gen = torch.Generator().manual_seed(0)
+    groups, _ = stage1_batch(data.store, data.train, data.weights, cfg, gen, torch.device("cpu"), replicates)
+    target = groups[0].extra["target"][0]
+    gen = torch.Generator().manual_seed(0)  # the same draw, binary maps of the first LoRAs
+    first, _ = stage1_batch(data.store, data.train, data.weights, cfg, gen, torch.device("cpu"))
+    one = first[0].extra["target"][0]
+    assert set(target.unique().tolist()) <= {0.0, 0.5, 1.0} and (target == 0.5).any()
+    assert torch.equal(one, (one > 0.5).float())  # a binary map, which the rate agrees with where the runs do
+    assert (one[target == 1] == 1).all() and (one[target == 0] == 0).all()
+    other, groups_by_name = replicates[0]
+    sample = data.train[0]
+    t = data.catalog.targets[0]
+    rate = (response_map(data.store.delta(sample, t.path), data.weights[t.path], cfg.tau)
+            + response_map(other.delta(groups_by_name[sample.group], t.path), data.weights[t.path], cfg.tau)) / 2
+    assert torch.equal(response_target(data.store, replicates, sample, t.path, data.weights[t.path], cfg.tau), rate)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    (partial / "metadata.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    (partial / "loras").symlink_to(folder / "loras")
+    with pytest.raises(SystemExit, match="partial.*no LoRA for 1 training task"):
+        load_replicates([str(partial)], data.store, data.train)
+
+
 def test_noise_ceiling_is_another_lora_of_the_same_tasks_on_fresh_clips(suite):
     """The report scores a second LoRA of each held-out task, trained on newly drawn clips of that task by another
     run, like the predictions: it is nearest to its own task's LoRA and closes more of the loss gap than the mean

@@ -77,6 +77,8 @@ class Stage1Config(RunConfig):
     layers_per_sample: int = 10  # target matrices drawn (without replacement) from each LoRA per step
     l2_penalty: float = 1e-4  # on the response factors, as the authors
     response: str = "patch"  # "patch" (this pack's) or "softplus_tau" (the authors' bounded form)
+    # dataset folders with more LoRAs of the same training tasks: learn each task's response rate over all of them
+    replicates: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .baselines import Baselines, build_baselines
 from .config import RunConfig, Stage1Config, Stage2Config
 from .dataset import DatasetError, SampleStore, check_dataset, read_samples
 from .evaluate import as_checkpoint, evaluate
-from .stage1 import Stage1Objective, build_stage1, stage1_batch
+from .stage1 import Stage1Objective, build_stage1, load_replicates, stage1_batch
 from .stage2 import Frozen, Stage2Objective, build_single_stage, build_stage2, stage2_batch, typical_scale
 from .trainer import Trainer
 
@@ -136,9 +136,10 @@ def run_stage1(cfg: Stage1Config, resume: str | bool = False) -> Path:
     trainer = Trainer(cfg, Stage1Objective(net, cfg.l2_penalty), net, "stage1")
     trainer.resume(resume)
     weights = data.on(trainer.device)
+    replicates = load_replicates(cfg.replicates, data.store, data.train)
 
     def objective(step, gen):
-        groups, prompts = stage1_batch(data.store, data.train, weights, cfg, gen, trainer.device)
+        groups, prompts = stage1_batch(data.store, data.train, weights, cfg, gen, trainer.device, replicates)
         return trainer.model(groups, prompts)
 
     model = as_checkpoint(net, None, data.catalog, data.spec, cfg.tau)

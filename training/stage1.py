@@ -1,7 +1,10 @@
 """Stage-I: learn to predict response maps R = 1[|dW / W| > tau] with BCE-with-logits.
 
 Each step draws `batch_size` training LoRAs and `layers_per_sample` of their target matrices (without
-replacement), as the authors do; the loss adds their L2 penalty on the response factors.
+replacement), as the authors do; the loss adds their L2 penalty on the response factors. With `replicates`
+(more LoRAs of the same training tasks, `replicates.py`) the target is the task's response *rate*: the share of
+its LoRAs whose map marks a weight. One LoRA's map is a noisy draw of where a task responds; the rate is what a
+prompt can tell, and BCE takes it as a soft target.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from lofa_core.targets import TargetCatalog
 
 from .batches import Prompts, ShapeGroup, batch_prompts, contexts_for, jitter_pose_frames, make_groups
 from .config import Stage1Config
-from .dataset import SampleStore
+from .dataset import Sample, SampleStore, read_samples
 
 
 class Stage1Objective(nn.Module):
@@ -56,8 +59,37 @@ def build_stage1(cfg: Stage1Config, catalog: TargetCatalog, spec: ConditionSpec)
     return net
 
 
+Replicates = list[tuple[SampleStore, dict[str, Sample]]]
+
+
+def load_replicates(folders: list[str], store: SampleStore, train: list[Sample]) -> Replicates:
+    """Each folder's samples by task group; every training task must have its LoRA there."""
+    out = []
+    for folder in folders:
+        other = SampleStore(folder, read_samples(folder), store.catalog, store.spec)
+        groups = {s.group: s for s in other.samples}
+        missing = [s.group for s in train if s.group not in groups]
+        if missing:
+            raise SystemExit(f"replicate dataset {folder} has no LoRA for {len(missing)} training task(s), e.g. "
+                             f"{missing[0]!r}: build it from the same tasks (training/replicates.py) or drop it "
+                             "from `replicates`")
+        out.append((other, groups))
+    return out
+
+
+def response_target(store: SampleStore, replicates: Replicates, sample: Sample, path: str, weight: torch.Tensor,
+                    tau: float) -> torch.Tensor:
+    """The sample's response map, or with replicates the mean of its task's maps (a rate in [0, 1])."""
+    target = response_map(store.delta(sample, path), weight, tau)
+    if not replicates:
+        return target
+    for other, groups in replicates:
+        target = target + response_map(other.delta(groups[sample.group], path), weight, tau)
+    return target / (1 + len(replicates))
+
+
 def stage1_batch(store: SampleStore, train: list, weights: dict[str, torch.Tensor], cfg: Stage1Config,
-                 gen: torch.Generator, device: torch.device):
+                 gen: torch.Generator, device: torch.device, replicates: Replicates | None = None):
     """(shape groups with response targets, the batch's prompts) for one step."""
     targets = store.catalog.targets
     per_sample = min(cfg.layers_per_sample, len(targets))
@@ -67,7 +99,7 @@ def stage1_batch(store: SampleStore, train: list, weights: dict[str, torch.Tenso
         for j in torch.randperm(len(targets), generator=gen)[:per_sample].tolist():
             t = targets[j]
             items.append((si, t))
-            maps.append(response_map(store.delta(sample, t.path), weights[t.path], cfg.tau))
+            maps.append(response_target(store, replicates or [], sample, t.path, weights[t.path], cfg.tau))
     prompts = batch_prompts([store.condition(s) for s in chosen], device)
     if prompts.log_counts is None:  # pose frames
         prompts.tokens = jitter_pose_frames(prompts.tokens, cfg.pose_jitter, gen)

@@ -55,6 +55,9 @@ DEFAULTS = {
     # trained on newly drawn clips by other runs (`replicates.py`); held-out tasks keep their one LoRA. 3 chosen
     # on val: mean-removed dW cosine 0.809 and gap closed 0.884; 2: 0.801 / 0.870; single LoRAs 0.779 / 0.846
     "loras_per_task": 3,
+    # with more than one LoRA per training task: Stage-I learns each task's response rate over all its LoRAs
+    # (`stage1.py`) instead of the first LoRA's binary map
+    "stage1_rates": False,
     # the "w/o res." ablation: Stage-II alone for as many steps as both stages together (null: that sum)
     "single_stage": {"steps": None},
     "adaptation": {"eval_every": 10},
@@ -185,7 +188,10 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
     if loras_per_task < 1:
         raise SystemExit(f"loras_per_task is {loras_per_task}; use 1 (each task's own LoRA) or more (their mean)")
     stage2_set = train_set if loras_per_task == 1 else workdir / f"dataset{suffix}_mean{loras_per_task}"
-    s1 = _build(Stage1Config, _merge({**settings["stage1"], **common, "out": str(workdir / f"stage1{suffix}")},
+    rates = bool(variant.get("stage1_rates", settings["stage1_rates"])) and loras_per_task > 1
+    s1 = _build(Stage1Config, _merge({**settings["stage1"], **common, "out": str(workdir / f"stage1{suffix}")}
+                                     | ({"replicates": [str(replicate_folder(workdir, r))
+                                                        for r in range(1, loras_per_task)]} if rates else {}),
                                      variant.get("stage1", {})), "suite")
     s2 = _build(Stage2Config, _merge({**settings["stage2"], **common, "dataset": str(stage2_set),
                                       "out": str(workdir / f"stage2{suffix}"),
@@ -216,10 +222,11 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
             encoders.append(tiny_models.make_tiny_clip_vision(workdir / "image_encoder_2", seed=1, width=48,
                                                             projection=24))
         synthetic.make_condition_dataset(dataset, condition.split("-")[0], train_set, *encoders)
+    replicates, replicate_keys = replicate_loras(workdir, build, loras_per_task, base_key, grid, motions, family)
     stage1_key = {"base": base_key, "build": to_dict(build), "stage1": to_dict(s1), "condition": condition}
     _once(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key, lambda: run_stage1(s1, resume=True))
     if loras_per_task > 1:
-        averaged_targets(workdir, build, train_set, stage2_set, loras_per_task, base_key, grid, motions, family, s2)
+        averaged_targets(train_set, stage2_set, replicates, replicate_keys, s2)
     stage2_key = {**stage1_key, "stage2": to_dict(s2)}
     _once(Path(s2.out), Path(s2.out) / STAGE2_EXPORT, stage2_key, lambda: run_stage2(s2, resume=True))
     report = {"condition": condition, "family": family, "checkpoint": str(Path(s2.out) / STAGE2_EXPORT),
@@ -246,13 +253,17 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
     return report
 
 
-def averaged_targets(workdir: Path, build: BuildConfig, train_set: Path, out: Path, loras_per_task: int,
-                     base_key: dict, grid: dict, motions: int, family: str, run: Stage2Config) -> Path:
-    """`out`: `train_set` with each training task's LoRA replaced by the mean of it and `loras_per_task - 1`
-    more LoRAs of the task, each trained on its own newly drawn clips by another run (`replicates.py`)."""
+def replicate_folder(workdir: Path, r: int) -> Path:
+    """Where the `r`-th extra LoRA of every training task is trained (r >= 1)."""
+    return workdir / f"dataset_train_replicate{r}"
+
+
+def replicate_loras(workdir: Path, build: BuildConfig, loras_per_task: int, base_key: dict, grid: dict,
+                    motions: int, family: str) -> tuple[list[Path], list[dict]]:
+    """`loras_per_task - 1` more LoRAs of every training task, each set trained on its own newly drawn clips by
+    another run (`replicates.py`): their dataset folders and build settings (cached like every step)."""
     from .lora_builder import build_loras
-    from .replicates import averaged_dataset, replicate_build, select_tasks
-    from .runs import Data
+    from .replicates import replicate_build, select_tasks
 
     folders, keys = [], []
     for r in range(1, loras_per_task):
@@ -260,11 +271,19 @@ def averaged_targets(workdir: Path, build: BuildConfig, train_set: Path, out: Pa
                                      seed=synthetic.FRESH_CLIPS_SEED * r, palettes=tuple(grid["palettes"]),
                                      patterns=tuple(grid["patterns"]), motions=motions)
         cfg = replicate_build(build, select_tasks(fresh, fresh.parent / "train.jsonl", held_out=False),
-                              workdir / f"dataset_train_replicate{r}", r)
+                              replicate_folder(workdir, r), r)
         folder = Path(cfg.out)
         _once(folder, folder / "metadata.jsonl", {"base": base_key, **to_dict(cfg)}, lambda cfg=cfg: build_loras(cfg))
         folders.append(folder)
         keys.append(to_dict(cfg))
+    return folders, keys
+
+
+def averaged_targets(train_set: Path, out: Path, folders: list[Path], keys: list[dict], run: Stage2Config) -> Path:
+    """`out`: `train_set` with each training task's LoRA replaced by the mean of it and the same task's LoRA in
+    each of `folders` (`replicate_loras`)."""
+    from .replicates import averaged_dataset
+    from .runs import Data
 
     def make() -> None:  # reads and validates the dataset only when the averaged one must be (re)built
         store = Data(dataclasses.replace(run, dataset=str(train_set)), need_latents=False).store
