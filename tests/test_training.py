@@ -106,8 +106,9 @@ def test_stage1_learns_a_tasks_response_rate_over_its_replicate_loras(suite, tmp
     dataset that lacks a training task is refused with the folder named."""
     from lofa_core.response import response_map
     from training.config import Stage1Config, load_config
+    from training.replicates import load_replicates
     from training.runs import Data
-    from training.stage1 import load_replicates, response_target, stage1_batch
+    from training.stage1 import response_target, stage1_batch
 
     workdir, _ = suite
     folder = workdir / "dataset_train_replicate1"

@@ -21,7 +21,7 @@ from lofa_core.fileio import save_safetensors
 from lofa_core.lora_formats import STYLE_COMFYUI, LoRAFactors, PredictedLoRA, to_state_dict
 
 from .config import BuildConfig
-from .dataset import SampleStore, read_records, read_samples
+from .dataset import Sample, SampleStore, read_records, read_samples
 from .encoding import write_metadata
 
 
@@ -57,12 +57,29 @@ def mean_factors(loras: list[dict[str, LoRAFactors]]) -> dict[str, LoRAFactors]:
     return out
 
 
+Replicates = list[tuple[SampleStore, dict[str, Sample]]]
+
+
+def load_replicates(folders: list[str] | list[Path], store: SampleStore, train: list[Sample]) -> Replicates:
+    """Each replicate folder's samples by task group; every training task must have its LoRA in every folder."""
+    out = []
+    for folder in folders:
+        other = SampleStore(folder, read_samples(folder), store.catalog, store.spec)
+        groups = {s.group: s for s in other.samples}
+        missing = [s.group for s in train if s.group not in groups]
+        if missing:
+            raise SystemExit(f"replicate dataset {folder} has no LoRA for {len(missing)} training task(s), e.g. no "
+                             f"LoRA of group {missing[0]!r} in {folder}: build it from the same tasks "
+                             "(training/replicates.py) or leave it out")
+        out.append((other, groups))
+    return out
+
+
 def averaged_dataset(dataset: Path, replicates: list[Path], out: Path, store: SampleStore) -> Path:
     """A dataset folder like `dataset` whose training samples' LoRAs are the mean of their own LoRA and the same
     group's LoRA in each of `replicates`; everything else (held-out LoRAs, latents, conditions) is `dataset`'s,
     referenced, not copied."""
-    others = [SampleStore(folder, read_samples(folder), store.catalog, store.spec) for folder in replicates]
-    by_group = [{s.group: s for s in other.samples} for other in others]
+    others = load_replicates(replicates, store, store.split("train"))  # all checked before anything is written
     rel = Path("..") / dataset.name
     (out / "loras").mkdir(parents=True, exist_ok=True)
     records = []
@@ -76,12 +93,7 @@ def averaged_dataset(dataset: Path, replicates: list[Path], out: Path, store: Sa
                 if (rec.get(part) or {}).get(key):
                     rec[part][key] = str(rel / rec[part][key])
         if sample.split == "train":
-            missing = [str(folder) for folder, groups in zip(replicates, by_group, strict=True)
-                       if sample.group not in groups]
-            if missing:
-                raise SystemExit(f"averaged targets: no LoRA of group '{sample.group}' in {', '.join(missing)}")
-            loras = [store.factors(sample)] + [other.factors(groups[sample.group])
-                                               for other, groups in zip(others, by_group, strict=True)]
+            loras = [store.factors(sample)] + [other.factors(groups[sample.group]) for other, groups in others]
             name = f"loras/{sample.group}.safetensors"
             save_safetensors(to_state_dict(PredictedLoRA(store.catalog.family, mean_factors(loras)), STYLE_COMFYUI),
                              out / name, overwrite=True)

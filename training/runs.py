@@ -23,7 +23,8 @@ from .baselines import Baselines, build_baselines
 from .config import RunConfig, Stage1Config, Stage2Config
 from .dataset import DatasetError, SampleStore, check_dataset, read_samples
 from .evaluate import as_checkpoint, evaluate
-from .stage1 import Stage1Objective, build_stage1, load_replicates, stage1_batch
+from .replicates import load_replicates
+from .stage1 import Stage1Objective, build_stage1, stage1_batch
 from .stage2 import Frozen, Stage2Objective, build_single_stage, build_stage2, stage2_batch, typical_scale
 from .trainer import Trainer
 

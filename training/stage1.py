@@ -22,7 +22,8 @@ from lofa_core.targets import TargetCatalog
 
 from .batches import Prompts, ShapeGroup, batch_prompts, contexts_for, jitter_pose_frames, make_groups
 from .config import Stage1Config
-from .dataset import Sample, SampleStore, read_samples
+from .dataset import Sample, SampleStore
+from .replicates import Replicates
 
 
 class Stage1Objective(nn.Module):
@@ -57,24 +58,6 @@ def build_stage1(cfg: Stage1Config, catalog: TargetCatalog, spec: ConditionSpec)
     net = Stage1Net(config)
     net.gradient_checkpointing = cfg.gradient_checkpointing
     return net
-
-
-Replicates = list[tuple[SampleStore, dict[str, Sample]]]
-
-
-def load_replicates(folders: list[str], store: SampleStore, train: list[Sample]) -> Replicates:
-    """Each folder's samples by task group; every training task must have its LoRA there."""
-    out = []
-    for folder in folders:
-        other = SampleStore(folder, read_samples(folder), store.catalog, store.spec)
-        groups = {s.group: s for s in other.samples}
-        missing = [s.group for s in train if s.group not in groups]
-        if missing:
-            raise SystemExit(f"replicate dataset {folder} has no LoRA for {len(missing)} training task(s), e.g. "
-                             f"{missing[0]!r}: build it from the same tasks (training/replicates.py) or drop it "
-                             "from `replicates`")
-        out.append((other, groups))
-    return out
 
 
 def response_target(store: SampleStore, replicates: Replicates, sample: Sample, path: str, weight: torch.Tensor,
