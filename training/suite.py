@@ -64,7 +64,8 @@ DEFAULTS = {
     # the text suite's Stage-I: tau such that 20 % of the training LoRAs' weights respond (the paper's LoRAs: 20-50
     # %; on val a per-word map of the training response rates beats the mean map by 0.058 at 20 %, 0.051 at 35 %,
     # 0.039 at 50 %) and 12,000 steps (val map cosine, mean map 0.764: a 6,000-step run levelled at 0.813 as its
-    # learning rate decayed; 12,000 steps gave 0.787, 0.807, 0.818, 0.821, 0.823 at 2,000-10,000 steps)
+    # learning rate decayed; 12,000 steps gave 0.787, 0.807, 0.818, 0.821, 0.823,
+    # 0.824 at 2,000-12,000 steps; Stage-II on it gains nothing, README)
     "text": {"stage1": {"steps": 12000, "response_fraction": 0.2}},
     # image / pose variants: settings that differ from the text suite's (their Stage-II keeps the lr 1e-3 and the
     # steps its other settings were chosen with on the 45-task grid; 3e-3 and 6,000 steps were chosen on the text
