@@ -44,7 +44,7 @@ CI_VARIANTS = [f"{v}.{stage}.steps={n}" for v in ("image", "pose", "image-mix")
 @pytest.fixture(scope="session")
 def suite(shared_dir):
     with shared_dir("suite") as workdir:  # trained once per scripts/test.sh run, shared by both runtimes' processes
-        report = run_suite(workdir, "wan", overrides=CI_SUITE + CI_VARIANTS)
+        report = run_suite(workdir, "wan", overrides=CI_SUITE + CI_VARIANTS, jobs=2)  # LoRA sets, ablation beside
     return workdir, report
 
 

@@ -9,7 +9,7 @@
     python -m training stage2 --single-stage --config stage2.yaml   # the "w/o res." ablation: no Stage-I
     python -m training export --stage1 RUN_OR_FILE --stage2 RUN --out lofa.safetensors
     python -m training evaluate --config stage2.yaml --checkpoint A.safetensors [--checkpoint B.safetensors]
-    python -m training suite --workdir DIR [--family wan2.1-t2v|sdxl]   # the tiny synthetic end-to-end suite
+    python -m training suite --workdir DIR [--family wan2.1-t2v|sdxl] [--jobs 2]   # the tiny synthetic suite
 
 Multi-GPU / multi-node: `accelerate launch --multi_gpu --num_processes N -m training stage1 --config ...`.
 """
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train the single-stage ablation on the same total steps (default: text prompts)")
     p.add_argument("--adaptation", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure fine-tuning from the LoFA prior vs the usual start (default: text prompts)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="processes side by side (default 1): with 2 the LoRA sets train two at a time and the "
+                        "ablation beside the two stages, each process with half of --threads (same results)")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         from .suite import report_name, run_suite
 
         report = run_suite(Path(args.workdir), args.family, args.base_model, args.text_encoder, args.set,
-                           args.condition, args.ablation, args.adaptation)
+                           args.condition, args.ablation, args.adaptation, args.jobs)
         name = report_name(args.condition)
         print((Path(args.workdir) / f"{name}.md").read_text())
         print(f"everything: {Path(args.workdir) / name}.json")

@@ -26,6 +26,7 @@ from lofa_core.families import get_family, sdxl, wan
 from . import synthetic, tiny_models
 from .baselines import shared_energy
 from .config import BuildConfig, Stage1Config, Stage2Config, _build, to_dict
+from .parallel import Jobs
 from .plots import read_metrics
 from .runs import STAGE1_EXPORT, STAGE2_EXPORT, run_stage1, run_stage2
 
@@ -156,10 +157,33 @@ class Goal:
 
 def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = None, text_encoder: str | None = None,
               overrides: list[str] | None = None, condition: str = "text", ablation: bool | None = None,
-              adaptation: bool | None = None) -> dict:
+              adaptation: bool | None = None, jobs: int = 1) -> dict:
     """`condition` "image" or "pose" trains on the same tasks told by a style image or pose frames; "image-mix"
     by the style image seen through two CLIP vision models whose features a gate mixes. `ablation` and
-    `adaptation` (default: for text) add the single-stage ablation and the fine-tuning measurement."""
+    `adaptation` (default: for text) add the single-stage ablation and the fine-tuning measurement. `jobs` > 1
+    runs steps that do not depend on each other side by side, one process each (`parallel.py`): the LoRA sets,
+    and the ablation beside the two stages; the results are the same as with one process."""
+    with Jobs(jobs, _threads_per_job(jobs)) as pool:
+        return _run_suite(workdir, family, base_model, text_encoder, overrides, condition, ablation, adaptation,
+                          pool)
+
+
+def _threads_per_job(jobs: int) -> int:
+    """Torch threads per process when `jobs` processes share the CPU: the caller's count split between them (on a
+    small CPU two spinning OpenMP pools in two busy processes slow each other down, `benchmarks/threads.py`)."""
+    import torch
+
+    if jobs <= 1:
+        return torch.get_num_threads()
+    threads = max(1, torch.get_num_threads() // jobs)
+    torch.set_num_threads(threads)
+    print(f"{jobs} processes side by side, {threads} torch thread(s) each")
+    return threads
+
+
+def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder: str | None,
+               overrides: list[str] | None, condition: str, ablation: bool | None, adaptation: bool | None,
+               pool: Jobs) -> dict:
     ablation = condition == "text" if ablation is None else ablation
     adaptation = condition == "text" if adaptation is None else adaptation
     family = get_family(family).name
@@ -217,12 +241,12 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
                       (f"single_stage{suffix}", single)):
         (configs / f"{name}.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
-    def make_dataset() -> None:
-        from .lora_builder import build_loras
-
-        build_loras(build)
-
-    _once(dataset, dataset / "metadata.jsonl", {"base": base_key, **to_dict(build)}, make_dataset)
+    # every set of LoRAs (each task's own, and the training tasks' extra ones) is independent of the others
+    lora_sets = [("LoRAs", build, {"base": base_key, **to_dict(build)})]
+    lora_sets += replicate_builds(workdir, build, loras_per_task, base_key, grid, motions, family)
+    pool.run_all([(name, build_loras_once, (cfg, key)) for name, cfg, key in lora_sets])
+    replicates = [Path(cfg.out) for _, cfg, _ in lora_sets[1:]]
+    replicate_keys = [to_dict(cfg) for _, cfg, _ in lora_sets[1:]]
     if condition != "text":
         encoders = []
         if condition.startswith("image"):
@@ -231,11 +255,13 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
             encoders.append(tiny_models.make_tiny_clip_vision(workdir / "image_encoder_2", seed=1, width=48,
                                                             projection=24))
         synthetic.make_condition_dataset(dataset, condition.split("-")[0], train_set, *encoders)
-    replicates, replicate_keys = replicate_loras(workdir, build, loras_per_task, base_key, grid, motions, family)
-    stage1_key = {"base": base_key, "build": to_dict(build), "stage1": to_dict(s1), "condition": condition}
-    _once(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key, lambda: run_stage1(s1, resume=True))
     if loras_per_task > 1:
         averaged_targets(train_set, stage2_set, replicates, replicate_keys, s2)
+    single_key = {"base": base_key, "build": to_dict(build), "single_stage": to_dict(single), "condition": condition}
+    side_ablation = pool.start("single-stage ablation", stage2_once, single, single_key) if (
+        ablation and pool.jobs > 1) else None
+    stage1_key = {"base": base_key, "build": to_dict(build), "stage1": to_dict(s1), "condition": condition}
+    _once(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key, lambda: run_stage1(s1, resume=True))
     stage2_key = {**stage1_key, "stage2": to_dict(s2)}
     _once(Path(s2.out), Path(s2.out) / STAGE2_EXPORT, stage2_key, lambda: run_stage2(s2, resume=True))
     report = {"condition": condition, "family": family, "checkpoint": str(Path(s2.out) / STAGE2_EXPORT),
@@ -250,9 +276,7 @@ def run_suite(workdir: Path, family: str = wan.NAME, base_model: str | None = No
         report["ceiling"] = noise_ceiling(workdir, build, s2, fresh, base_key, Path(report["checkpoint"]))
         report["structure"] = lora_structure(workdir, dataclasses.replace(s2, dataset=str(train_set)))
     if ablation:
-        single_key = {"base": base_key, "build": to_dict(build), "single_stage": to_dict(single),
-                      "condition": condition}
-        _once(Path(single.out), Path(single.out) / STAGE2_EXPORT, single_key, lambda: run_stage2(single, resume=True))
+        side_ablation.result() if side_ablation else stage2_once(single, single_key)
         report["single_stage"] = last_eval(Path(single.out))
     if adaptation:
         report["adaptation"] = run_adaptation(workdir, build, s2, Path(report["checkpoint"]),
@@ -267,30 +291,40 @@ def replicate_folder(workdir: Path, r: int) -> Path:
     return workdir / f"dataset_train_replicate{r}"
 
 
-def replicate_loras(workdir: Path, build: BuildConfig, loras_per_task: int, base_key: dict, grid: dict,
-                    motions: int, family: str) -> tuple[list[Path], list[dict]]:
-    """`loras_per_task - 1` more LoRAs of every training task, each set trained on its own newly drawn clips by
-    another run (`replicates.py`): their dataset folders and build settings (cached like every step)."""
-    from .lora_builder import build_loras
+def replicate_builds(workdir: Path, build: BuildConfig, loras_per_task: int, base_key: dict, grid: dict,
+                     motions: int, family: str) -> list[tuple[str, BuildConfig, dict]]:
+    """`loras_per_task - 1` more LoRA sets of every training task, each trained on its own newly drawn clips by
+    another run (`replicates.py`): (name, build settings, cache key) per set, for `build_loras_once`."""
     from .replicates import replicate_build, select_tasks
 
-    folders, keys = [], []
+    sets = []
     for r in range(1, loras_per_task):
         fresh = synthetic.make_tasks(workdir / f"tasks_fresh{'' if r == 1 else r}", family,
                                      seed=synthetic.FRESH_CLIPS_SEED * r, palettes=tuple(grid["palettes"]),
                                      patterns=tuple(grid["patterns"]), motions=motions)
         cfg = replicate_build(build, select_tasks(fresh, fresh.parent / "train.jsonl", held_out=False),
                               replicate_folder(workdir, r), r)
-        folder = Path(cfg.out)
-        _once(folder, folder / "metadata.jsonl", {"base": base_key, **to_dict(cfg)}, lambda cfg=cfg: build_loras(cfg))
-        folders.append(folder)
-        keys.append(to_dict(cfg))
-    return folders, keys
+        sets.append((f"LoRAs, set {r + 1}", cfg, {"base": base_key, **to_dict(cfg)}))
+    return sets
+
+
+def build_loras_once(cfg: BuildConfig, key: dict) -> str:
+    """Train the LoRA set `cfg` unless its folder holds it for the same settings (a job for `Jobs`)."""
+    from .lora_builder import build_loras
+
+    folder = Path(cfg.out)
+    return str(_once(folder, folder / "metadata.jsonl", key, lambda: build_loras(cfg)))
+
+
+def stage2_once(cfg: Stage2Config, key: dict) -> str:
+    """Train the Stage-II run `cfg` unless it was exported for the same settings (a job for `Jobs`)."""
+    out = Path(cfg.out)
+    return str(_once(out, out / STAGE2_EXPORT, key, lambda: run_stage2(cfg, resume=True)))
 
 
 def averaged_targets(train_set: Path, out: Path, folders: list[Path], keys: list[dict], run: Stage2Config) -> Path:
     """`out`: `train_set` with each training task's LoRA replaced by the mean of it and the same task's LoRA in
-    each of `folders` (`replicate_loras`)."""
+    each of `folders` (`replicate_builds`)."""
     from .replicates import averaged_dataset
     from .runs import Data
 
