@@ -262,7 +262,7 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
     stage1_key = {"base": base_key, "build": to_dict(build), "stage1": to_dict(s1), "condition": condition}
     _once(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key, lambda: run_stage1(s1, resume=True))
     stage2_key = {**stage1_key, "stage2": to_dict(s2)}
-    _once(Path(s2.out), Path(s2.out) / STAGE2_EXPORT, stage2_key, lambda: run_stage2(s2, resume=True))
+    stage2_once(s2, stage2_key)
     report = {"condition": condition, "family": family, "checkpoint": str(Path(s2.out) / STAGE2_EXPORT),
               "base_model": base_model,
               "data": {**data_report(build, dataclasses.replace(s2, dataset=str(train_set))),
@@ -275,7 +275,10 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
         report["ceiling"] = noise_ceiling(workdir, build, s2, fresh, base_key, Path(report["checkpoint"]))
         report["structure"] = lora_structure(workdir, dataclasses.replace(s2, dataset=str(train_set)))
     if ablation:
-        side_ablation.result() if side_ablation else stage2_once(single, single_key)
+        if side_ablation:
+            side_ablation.result()
+        else:
+            stage2_once(single, single_key)
         report["single_stage"] = last_eval(Path(single.out))
     if adaptation:
         report["adaptation"] = run_adaptation(workdir, build, s2, Path(report["checkpoint"]),
