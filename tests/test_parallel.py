@@ -35,5 +35,9 @@ def test_a_step_still_running_when_the_caller_fails_is_stopped():
 
 def test_one_job_runs_in_the_callers_process_and_zero_is_refused():
     assert Jobs(1, 1).run_all([("pid", os.getpid, ())]) == [os.getpid()]
+    # a pool of 2 whose other slot is taken (the Stage-II members while the ablation runs) or with a single step
+    # runs them here, one after the other
+    assert Jobs(2, 1).run_all([(f"pid {i}", os.getpid, ()) for i in range(2)], at_once=1) == [os.getpid()] * 2
+    assert Jobs(2, 1).run_all([("pid", os.getpid, ())]) == [os.getpid()]
     with pytest.raises(SystemExit, match="--jobs is 0"):
         Jobs(0, 1)

@@ -50,3 +50,23 @@ def test_dw_goal_fails_when_the_prediction_only_reaches_the_empty_loras_floor():
     assert not dw_goal().passed and "empty LoRA 0.900" in dw_goal().value
     s2["zero_dw_cos_centered"] = 0.05
     assert dw_goal().passed
+
+
+def test_lora_goals_judge_the_averaged_members_and_show_one_model_beside():
+    """With several Stage-II members the LoRA goals are met or missed by their averaged LoRA (the suite's model),
+    and the first member's own figure is printed next to it, so one model's shortfall stays visible."""
+    one = {"retrieval_heldout": 1.0, "tasks": 6.0, "gt_own_task_best": 1.0, "dw_cos_centered": 0.76,
+           "per_word_dw_cos_centered": 0.7, "zero_dw_cos_centered": 0.1, "gap_pred": 0.78, "gap_mean": 0.0,
+           "gap_constant": 0.0, "gap_swap": 0.0, "mean_lora_dw_cos": 0.1, "dw_cos": 0.8}
+    report = {"condition": "text", "data": {"shared_energy": 0.2}, "stage1": {"test": {"map_cos": 0.8,
+              "mean_map_cos": 0.7}}, "stage2": {"test": one},
+              "ensemble": {"checkpoints": ["a", "b"], "seeds": [0, 1],
+                           "test": {**one, "dw_cos_centered": 0.81, "gap_pred": 0.79}}}
+    by_text = {g.text.split(" dW cosine")[0] if "dW cosine" in g.text else g.text: g for g in goals(report)}
+    dw = by_text["Stage-II (2 models averaged)"]
+    assert dw.passed and dw.value.startswith("0.810, one model 0.760")
+    (gap,) = [g for g in goals(report) if "gap closed >= 0.8" in g.text]
+    assert not gap.passed and gap.text.startswith("Stage-II (2 models averaged)") and "one model 0.780" in gap.value
+    del report["ensemble"]
+    (dw,) = [g for g in goals(report) if g.text.startswith("Stage-II dW cosine, training mean removed")]
+    assert not dw.passed and "one model" not in dw.value

@@ -232,6 +232,33 @@ def test_evaluate_scores_a_checkpoint_as_its_run_did_and_averages_several(suite,
     assert again.returncode == 1 and "--overwrite" in again.stderr and out.read_text() == "mine"
 
 
+def test_the_text_suites_model_is_two_stage2_members_averaged(suite):
+    """The text suite trains a second Stage-II on the same Stage-I with the next seed (its config saved beside the
+    others), and judges the LoRA goals on the average of the two models' LoRAs: exactly what `python -m training
+    evaluate` gives for the two exported checkpoints."""
+    from safetensors.torch import load_file
+
+    from training.config import Stage2Config, load_config
+    from training.ensemble import evaluate_checkpoints
+
+    workdir, report = suite
+    ensemble = report["ensemble"]
+    first, second = ensemble["checkpoints"]
+    assert ensemble["seeds"] == [0, 1] and Path(first) == Path(report["checkpoint"])
+    member = load_config(Stage2Config, workdir / "configs" / "stage2_member2.json")
+    assert member.seed == 1 and Path(member.out) == Path(second).parent and member.stage1 == str(workdir / "stage1")
+    a, b = load_file(first), load_file(second)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # another seed, another model
+    run = load_config(Stage2Config, workdir / "configs" / "stage2.json")
+    scored = evaluate_checkpoints(run, [first, second], ["test"])["test"]
+    for key in ("dw_cos_centered", "gap_pred", "retrieval_heldout"):
+        assert ensemble["test"][key] == pytest.approx(scored[key], abs=1e-4), key
+    (dw,) = [g for g in report["goals"] if "dW cosine, training mean removed" in g["text"]]
+    assert dw["text"].startswith("Stage-II (2 models averaged)")
+    assert f"one model {report['stage2']['test']['dw_cos_centered']:.3f}" in dw["value"]
+    assert "one model" in (workdir / "report.md").read_text()
+
+
 def test_fine_tuning_starts_closer_from_the_lofa_prior(suite):
     """Fine-tuning a test task's LoRA from LoFA's prediction starts with part of the gap already closed and
     reaches the task's LoRA loss no later than from the usual start (on most tasks)."""

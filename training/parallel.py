@@ -74,14 +74,16 @@ class Jobs:
         self._started.append(job)
         return job
 
-    def run_all(self, calls: list[tuple[str, Callable, tuple]]) -> list[Any]:
-        """Run every `(name, fn, args)`, at most `jobs` at a time, and return their results in order."""
-        if self.jobs == 1:
+    def run_all(self, calls: list[tuple[str, Callable, tuple]], at_once: int | None = None) -> list[Any]:
+        """Run every `(name, fn, args)`, at most `at_once` (default: `jobs`) at a time, and return their results in
+        order. One at a time runs them in this process."""
+        at_once = self.jobs if at_once is None else min(at_once, self.jobs)
+        if at_once <= 1 or len(calls) <= 1:
             return [fn(*args) for _, fn, args in calls]
         running: list[Job] = []
         results = []
         for name, fn, args in calls:
-            if len(running) == self.jobs:
+            if len(running) == at_once:
                 results.append(running.pop(0).result())
             running.append(self.start(name, fn, *args))
         results.extend(job.result() for job in running)

@@ -59,6 +59,10 @@ DEFAULTS = {
     # with more than one LoRA per training task: Stage-I learns each task's response rate over all its LoRAs
     # (`stage1.py`) instead of the first LoRA's binary map (val map cosine +0.005 at 6,000 steps)
     "stage1_rates": True,
+    # > 1: the suite's LoFA model is this many Stage-II runs on the same Stage-I (seeds seed, seed + 1, ...) whose
+    # LoRAs are averaged (`ensemble.py`; in ComfyUI: each member's predicted LoRA at strength 1/N); the goals are
+    # judged on the average and one model's figures are reported beside it
+    "stage2_members": 1,
     # the "w/o res." ablation: Stage-II alone for as many steps as both stages together (null: that sum)
     "single_stage": {"steps": None},
     "adaptation": {"eval_every": 10},
@@ -66,7 +70,10 @@ DEFAULTS = {
     # val by the map's margin over the mean map: +0.066 at 10 % (0.821 vs 0.755), +0.060 at 20 % (0.824 vs 0.764;
     # there a 6,000-step run levelled at 0.813 as its learning rate decayed). A per-word map of the training
     # response rates beats the mean map by 0.062 at 10 %, 0.058 at 20 %, 0.051 at 35 %; Stage-II gains nothing, README
-    "text": {"stage1": {"steps": 12000, "response_fraction": 0.1}},
+    # Two Stage-II members for the text suite, chosen on val (7 December 2026, the Stage-I of then): seeds 0 and 1
+    # averaged reached mean-removed dW cosine 0.833 and gap closed 0.891, seed 0 alone 0.809 / 0.884, seed 1 alone
+    # 0.814 / 0.898 (README, *Averaging the LoRAs of several LoFA models*)
+    "text": {"stage1": {"steps": 12000, "response_fraction": 0.1}, "stage2_members": 2},
     # image / pose variants: settings that differ from the text suite's (their Stage-II keeps the lr 1e-3 and the
     # steps its other settings were chosen with on the 45-task grid; 3e-3 and 6,000 steps were chosen on the text
     # suite's val tasks only)
@@ -217,6 +224,10 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
     common = {"dataset": str(train_set), "base_model": base_model}
     variant = settings.get(condition, {})
     loras_per_task = int(variant.get("loras_per_task", settings["loras_per_task"]))
+    stage2_members = int(variant.get("stage2_members", settings["stage2_members"]))
+    if stage2_members < 1:
+        raise SystemExit(f"stage2_members is {stage2_members}; use 1 (one Stage-II model) or more (the average "
+                         "of that many, each trained with its own seed)")
     if loras_per_task < 1:
         raise SystemExit(f"loras_per_task is {loras_per_task}; use 1 (each task's own LoRA) or more (their mean)")
     stage2_set = train_set if loras_per_task == 1 else workdir / f"dataset{suffix}_mean{loras_per_task}"
@@ -229,6 +240,7 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
                                       "out": str(workdir / f"stage2{suffix}"),
                                       "stage1": str(workdir / f"stage1{suffix}")}, variant.get("stage2", {})),
                 "suite")
+    members = [s2] + [member_config(s2, i) for i in range(1, stage2_members)]
     single_steps = settings["single_stage"]["steps"] or s1.steps + s2.steps
     single = _build(Stage2Config, {**to_dict(s2), "stage1": "", "single_stage": True, "steps": single_steps,
                                    "response_fraction": s1.response_fraction,
@@ -237,7 +249,8 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
     configs = workdir / "configs"
     configs.mkdir(exist_ok=True)
     for name, cfg in (("build", build), (f"stage1{suffix}", s1), (f"stage2{suffix}", s2),
-                      (f"single_stage{suffix}", single)):
+                      (f"single_stage{suffix}", single),
+                      *((Path(cfg.out).name, cfg) for cfg in members[1:])):
         (configs / f"{name}.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     # every set of LoRAs (each task's own, and the training tasks' extra ones) is independent of the others
@@ -261,13 +274,20 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
         ablation and pool.jobs > 1) else None
     stage1_key = {"base": base_key, "build": to_dict(build), "stage1": to_dict(s1), "condition": condition}
     _once(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key, lambda: run_stage1(s1, resume=True))
-    stage2_key = {**stage1_key, "stage2": to_dict(s2)}
-    stage2_once(s2, stage2_key)
-    report = {"condition": condition, "family": family, "checkpoint": str(Path(s2.out) / STAGE2_EXPORT),
+    # with the ablation in another process, the members take the remaining process slots
+    at_once = max(1, pool.jobs - (1 if side_ablation else 0))
+    exports = pool.run_all([(f"Stage-II member {i + 1}" if i else "Stage-II", stage2_once,
+                             (cfg, {**stage1_key, "stage2": to_dict(cfg)})) for i, cfg in enumerate(members)],
+                           at_once=at_once)
+    report = {"condition": condition, "family": family, "checkpoint": exports[0],
               "base_model": base_model,
               "data": {**data_report(build, dataclasses.replace(s2, dataset=str(train_set))),
                        "loras_per_task": loras_per_task},
               "stage1": last_eval(Path(s1.out)), "stage2": last_eval(Path(s2.out))}
+    if len(exports) > 1:
+        report["ensemble"] = ensemble_scores(workdir / f"ensemble{suffix}.json", s2,
+                                             [{**stage1_key, "stage2": to_dict(cfg)} for cfg in members], exports)
+        report["ensemble"]["seeds"] = [cfg.seed for cfg in members]
     if condition == "text":
         fresh = synthetic.make_tasks(workdir / "tasks_fresh", family, seed=synthetic.FRESH_CLIPS_SEED,
                                      palettes=tuple(grid["palettes"]), patterns=tuple(grid["patterns"]),
@@ -322,6 +342,23 @@ def stage2_once(cfg: Stage2Config, key: dict) -> str:
     """Train the Stage-II run `cfg` unless it was exported for the same settings (a job for `Jobs`)."""
     out = Path(cfg.out)
     return str(_once(out, out / STAGE2_EXPORT, key, lambda: run_stage2(cfg, resume=True)))
+
+
+def member_config(s2: Stage2Config, index: int) -> Stage2Config:
+    """The `index`-th extra Stage-II member (index >= 1): the same run with seed + index in its own folder."""
+    return dataclasses.replace(s2, seed=s2.seed + index, out=f"{s2.out}_member{index + 1}")
+
+
+def ensemble_scores(cache: Path, run: Stage2Config, keys: list[dict], checkpoints: list[str]) -> dict:
+    """Held-out figures of the members' averaged LoRAs (`ensemble.py`), cached under the members' settings."""
+    from .ensemble import SPLITS, evaluate_checkpoints
+
+    key = json.loads(json.dumps({"members": keys}, sort_keys=True))
+    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())["scores"]
+    scores = {"checkpoints": list(checkpoints), **evaluate_checkpoints(run, checkpoints, SPLITS)}
+    cache.write_text(json.dumps({"key": key, "scores": scores}, indent=1))
+    return scores
 
 
 def averaged_targets(train_set: Path, out: Path, folders: list[Path], keys: list[dict], run: Stage2Config) -> Path:
@@ -432,8 +469,15 @@ def last_eval(run: Path) -> dict:
 
 
 def goals(report: dict) -> list[Goal]:
-    """The suite's bar on the test tasks (the text suite's goals; image/pose variants must beat the means)."""
-    s1, s2 = report["stage1"].get("test", {}), report["stage2"].get("test", {})
+    """The suite's bar on the test tasks (the text suite's goals; image/pose variants must beat the means). With
+    several Stage-II members the LoRA goals are judged on their averaged LoRA, one model's figure shown beside."""
+    s1, s2 = report["stage1"].get("test", {}), report.get("ensemble", report["stage2"]).get("test", {})
+    one = report["stage2"].get("test", {}) if "ensemble" in report else {}
+    model = f"Stage-II ({len(report['ensemble']['checkpoints'])} models averaged)" if one else "Stage-II"
+
+    def alone(key: str) -> str:
+        return f", one model {one[key]:.3f}" if key in one else ""
+
     out = []
 
     def add(text: str, value: str, passed: bool) -> None:
@@ -449,9 +493,9 @@ def goals(report: dict) -> list[Goal]:
     if report["condition"] != "text":
         add("Stage-I map cosine beats the mean map", f"{s1['map_cos']:.3f} vs {s1['mean_map_cos']:.3f}",
             s1["map_cos"] > s1["mean_map_cos"])
-        add("Stage-II dW cosine beats the mean LoRA", f"{s2['dw_cos']:.3f} vs {s2['mean_lora_dw_cos']:.3f}",
+        add(f"{model} dW cosine beats the mean LoRA", f"{s2['dw_cos']:.3f} vs {s2['mean_lora_dw_cos']:.3f}",
             s2["dw_cos"] > s2["mean_lora_dw_cos"])
-        add("Stage-II gap closed beats the mean LoRA", f"{s2['gap_pred']:.2f} vs {s2['gap_mean']:.2f}",
+        add(f"{model} gap closed beats the mean LoRA", f"{s2['gap_pred']:.2f} vs {s2['gap_mean']:.2f}",
             s2["gap_pred"] > s2["gap_mean"])
         return out
     ceiling = report.get("ceiling", {}).get("test", {})
@@ -469,15 +513,17 @@ def goals(report: dict) -> list[Goal]:
     empty = s2.get("zero_dw_cos_centered", -1.0)  # (absent from runs evaluated before it was measured)
     shown = f", empty LoRA {empty:.3f}" if "zero_dw_cos_centered" in s2 else ""
     pair = f", per-pair {s2['per_pair_dw_cos_centered']:.3f}" if "per_pair_dw_cos_centered" in s2 else ""
-    add("Stage-II dW cosine, training mean removed, >= 0.8 and above the per-word baseline and the empty LoRA",
-        f"{s2['dw_cos_centered']:.3f} vs per-word {word:.3f}{pair}{shown}{noise('dw_cos_centered')}",
+    add(f"{model} dW cosine, training mean removed, >= 0.8 and above the per-word baseline and the empty LoRA",
+        f"{s2['dw_cos_centered']:.3f}{alone('dw_cos_centered')} vs per-word {word:.3f}{pair}{shown}"
+        f"{noise('dw_cos_centered')}",
         s2["dw_cos_centered"] >= 0.8 and s2["dw_cos_centered"] > max(word, empty))
     tasks = int(s2.get("tasks", 0))
     add("retrieval: own task nearest among the test tasks >= 5/6",
         f"{round(s2['retrieval_heldout'] * tasks)}/{tasks}", round(s2["retrieval_heldout"] * tasks) >= 5 / 6 * tasks)
     composed = "".join(f", {label} {s2[key]:.3f}" for label, key in (("per-word", "gap_per_word"),
                                                                        ("per-pair", "gap_per_pair")) if key in s2)
-    add("diffusion gap closed >= 0.8", f"{s2['gap_pred']:.3f}{composed}{noise('gap_pred')}", s2["gap_pred"] >= 0.8)
+    add(f"{model}: diffusion gap closed >= 0.8", f"{s2['gap_pred']:.3f}{alone('gap_pred')}{composed}"
+        f"{noise('gap_pred')}", s2["gap_pred"] >= 0.8)
     add("mean LoRA and norm-matched constant LoRA close <= 0.5",
         f"{s2['gap_mean']:.2f} / {s2['gap_constant']:.2f}", max(s2["gap_mean"], s2["gap_constant"]) <= 0.5)
     add("task-swap control clearly below the prediction (by >= 0.25)",
@@ -506,7 +552,21 @@ def write_report(workdir: Path, report: dict) -> None:
     (workdir / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
     s1, s2 = report["stage1"].get("test", {}), report["stage2"].get("test", {})
     single = report.get("single_stage", {}).get("test", {})
-    rows = [("Stage-I map cosine / IoU", f"{_fmt(s1.get('map_cos'))} / {_fmt(s1.get('map_iou'))}",
+    rows = _rows(s1, report.get("ensemble", report["stage2"]).get("test", {}))
+    lines = [f"# Suite report ({report['family']}, {report['condition']} prompts, test tasks)", ""]
+    if "ensemble" in report:  # the LoFA column is the members' average; one model's own figures beside it
+        seeds = ", ".join(map(str, report["ensemble"]["seeds"]))
+        lines += [f"LoFA: the average of the LoRAs of {len(report['ensemble']['seeds'])} Stage-II models (seeds "
+                  f"{seeds}) on one Stage-I; *one model* is the first of them alone.", ""]
+        rows = [(a, b if b == one else f"{b} (one model {one})", c) for (a, b, c), (_, one, _) in
+                zip(rows, _rows(s1, s2))]
+    lines += _table(report, rows, single, s2)
+    (workdir / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _rows(s1: dict, s2: dict) -> list[tuple[str, str, str]]:
+    """(metric, LoFA's figure, baselines) for the report's main table."""
+    return [("Stage-I map cosine / IoU", f"{_fmt(s1.get('map_cos'))} / {_fmt(s1.get('map_iou'))}",
              f"mean map {_fmt(s1.get('mean_map_cos'))} / {_fmt(s1.get('mean_map_iou'))}, per-word map "
              f"{_fmt(s1.get('per_word_map_cos'))} / {_fmt(s1.get('per_word_map_iou'))}"),
             ("Stage-II dW cosine, raw", _fmt(s2.get("dw_cos")),
@@ -527,7 +587,12 @@ def write_report(workdir: Path, report: dict) -> None:
              f"{_fmt(s2.get('gap_swap'))}"),
             ("LoRA's response map vs ground truth / vs Stage-I",
              f"{_fmt(s2.get('lora_map_cos_gt'))} / {_fmt(s2.get('lora_map_cos_stage1'))}", "paper: 0.83 / 0.91")]
-    lines = [f"# Suite report ({report['family']}, {report['condition']} prompts, test tasks)", ""]
+
+
+def _table(report: dict, rows: list[tuple[str, str, str]], single: dict, s2: dict) -> list[str]:
+    """The report's tables after its title: main metrics, the ablation (one model each), fine-tuning, structure,
+    goals."""
+    lines = []
     per_task = report.get("data", {}).get("loras_per_task", 1)
     if per_task > 1:
         lines += [f"Stage-II learnt from the mean of {per_task} LoRAs per training task (`replicates.py`); held-out "
@@ -563,5 +628,4 @@ def write_report(workdir: Path, report: dict) -> None:
         lines += ["", f"What a prompt can tell (`training/structure.py`, all {int(e['tasks'])} tasks, shares of the "
                   f"mean-removed LoRA energy): words {_fmt(e['words'])}, words and word pairs {_fmt(e['pairs'])}, "
                   f"run noise {_fmt(e['noise'])}, beyond word pairs (after noise) {_fmt(e['beyond_pairs'])}."]
-    lines += ["", "Goals:", ""] + [f"* {Goal(**g).line()}" for g in report["goals"]]
-    (workdir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return lines + ["", "Goals:", ""] + [f"* {Goal(**g).line()}" for g in report["goals"]]
