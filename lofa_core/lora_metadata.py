@@ -20,13 +20,26 @@ def prediction_metadata(*, checkpoint: str, checkpoint_sha256: str, base_model: 
             "lofa.targets": f"{targets} ({layers} layers)", "lofa.strength_hint": STRENGTH_HINT}
 
 
+def averaged_metadata(members: list[Mapping[str, str]]) -> dict[str, str]:
+    """Where an average of several predicted LoRAs came from: each field the members disagree on lists theirs,
+    joined by " + " (e.g. two checkpoints), and `lofa.averaged_loras` says how many were averaged."""
+    keys = [k for k in members[0] if all(k in m for m in members)] if members else []
+    out = {}
+    for key in keys:
+        values = [m[key] for m in members]
+        out[key] = values[0] if len(set(values)) == 1 else " + ".join(values)
+    return {**out, "lofa.averaged_loras": str(len(members))}
+
+
 def file_metadata(prediction: Mapping[str, str], *, family: str, rank: int, key_style: str,
                   title: str) -> dict[str, str]:
     """All string metadata of a saved LoRA file (`prediction` may be empty: a LORA_MODEL from another node)."""
     base = prediction.get("lofa.base_model", "")
     architecture, implementation = get_family(family).modelspec(base)
-    if prediction:
-        description = (f"Predicted in one forward pass by the LoFA checkpoint {prediction['lofa.checkpoint']} from a "
+    if "lofa.checkpoint" in prediction:
+        averaged = prediction.get("lofa.averaged_loras")
+        description = (f"The average of {averaged} LoRAs predicted" if averaged else "Predicted in one forward pass")
+        description += (f" by the LoFA checkpoint {prediction['lofa.checkpoint']} from a "
                        f"{prediction['lofa.prompt_kind']} prompt, for {base}. Use at strength "
                        f"{prediction['lofa.strength_hint']}.")
     else:

@@ -1,6 +1,7 @@
 """ComfyUI nodes of the LoFA pack: the only package that imports comfy / folder_paths."""
 
 from .apply import LoFAApplyLoRA
+from .average import LoFAAverageLoRAs
 from .comfy_compat import register_model_folder
 from .condition_nodes import LoFAImageCondition, LoFAPoseCondition, LoFATextCondition
 from .loader import LoFAModelLoader
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "LoFAPredictLoRA": LoFAPredictLoRA,
     "LoFAApplyLoRA": LoFAApplyLoRA,
     "LoFASaveLoRA": LoFASaveLoRA,
+    "LoFAAverageLoRAs": LoFAAverageLoRAs,
     "LoFAResponsePreview": LoFAResponsePreview,
     "LoFATextCondition": LoFATextCondition,
     "LoFAImageCondition": LoFAImageCondition,
@@ -25,6 +27,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoFAPredictLoRA": "LoFA Predict LoRA",
     "LoFAApplyLoRA": "LoFA Apply LoRA",
     "LoFASaveLoRA": "LoFA Save LoRA",
+    "LoFAAverageLoRAs": "LoFA Average LoRAs",
     "LoFAResponsePreview": "LoFA Response Map Preview",
     "LoFATextCondition": "LoFA Text Condition",
     "LoFAImageCondition": "LoFA Image Condition",

@@ -117,6 +117,46 @@ def test_saved_file_loads_in_stock_lora_loader(comfy, model_dirs):
     assert second.endswith("test_0_steps_00002.safetensors") and (model_dirs.loras / saved).is_file()
 
 
+def test_average_of_two_lofa_models_patches_their_mean_update_and_saves_it(comfy, model_dirs):
+    """LoFA Average LoRAs: the patched weight is W + strength * (dW_1 + dW_2) / 2 exactly, the saved file (rank of
+    both) loads in ComfyUI's own LoRA loader to the same weights and names both checkpoints, and LoRAs for other
+    layers are refused with the fix named."""
+    import comfy.model_management as mm
+    from safetensors import safe_open
+
+    model = comfy.tiny_sdxl.build_model(seed=2)
+    before = snapshot(model)
+    conditioning = sdxl_conditioning(seed=2)
+    names = ("member_a.safetensors", "member_b.safetensors")
+    catalogs = [make_checkpoint(comfy, model, model_dirs.lofa / n, seed=10 + i) for i, n in enumerate(names)]
+    loras = [run_nodes(comfy, model, n, conditioning)[0] for n in names]
+    (mean,) = node(comfy, "LoFAAverageLoRAs").average(*loras)
+    expected = [expected_deltas(model_dirs.lofa / n, c, before, conditioning) for n, c in zip(names, catalogs)]
+    assert any(not torch.allclose(expected[0][k], expected[1][k]) for k in expected[0])  # two different models
+    (ours,) = node(comfy, "LoFAApplyLoRA").apply(model, mean, STRENGTH)
+    saved = node(comfy, "LoFASaveLoRA").save(mean, "LoFA/mean", "auto", "float32")["ui"]["lofa_lora"][0]
+    (stock,) = comfy.mappings["LoraLoaderModelOnly"]().load_lora_model_only(model, saved, STRENGTH)
+    for patcher in (ours, stock):
+        mm.load_models_gpu([patcher])
+        try:
+            after = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+        finally:
+            mm.unload_all_models()
+        for key, w0 in before.items():
+            if key in expected[0]:
+                mean_delta = (expected[0][key] + expected[1][key]) / 2
+                torch.testing.assert_close(after[key], w0 + STRENGTH * mean_delta, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(after[key], w0), f"untargeted weight {key} changed"
+    with safe_open(str(model_dirs.loras / saved), "pt") as f:
+        meta = f.metadata()
+    assert meta["lofa.averaged_loras"] == "2" and meta["lofa.checkpoint"] == " + ".join(names)
+    assert meta["modelspec.description"].startswith("The average of 2 LoRAs")
+    partial = type(loras[1])({k: v for k, v in loras[1].items() if ".output_blocks." not in k})
+    with pytest.raises(Exception, match="average only LoRAs of checkpoints trained for the same base model"):
+        node(comfy, "LoFAAverageLoRAs").average(loras[0], partial)
+
+
 def test_cancel_button_stops_prediction(comfy, model_dirs):
     import comfy.model_management as mm
 

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.headless
 WORKFLOWS = runtime.WORKFLOWS
 LOFA_NODES = {"LoFAModelLoader": "Load LoFA Model", "LoFAPredictLoRA": "LoFA Predict LoRA",
               "LoFAApplyLoRA": "LoFA Apply LoRA", "LoFASaveLoRA": "LoFA Save LoRA",
+              "LoFAAverageLoRAs": "LoFA Average LoRAs",
               "LoFAResponsePreview": "LoFA Response Map Preview", "LoFATextCondition": "LoFA Text Condition",
               "LoFAImageCondition": "LoFA Image Condition", "LoFAPoseCondition": "LoFA Pose Condition"}
 ALL_WORKFLOWS = ["lofa_sdxl", "lofa_wan21_t2v", "lofa_wan21_pose", "lofa_wan21_style", "lofa_sdxl_identity"]
