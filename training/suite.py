@@ -60,7 +60,7 @@ DEFAULTS = {
     # (`stage1.py`) instead of the first LoRA's binary map (val map cosine +0.005 at 6,000 steps)
     "stage1_rates": True,
     # > 1: the suite's LoFA model is this many Stage-II runs on the same Stage-I (seeds seed, seed + 1, ...) whose
-    # LoRAs are averaged (`ensemble.py`; in ComfyUI: each member's predicted LoRA at strength 1/N); the goals are
+    # LoRAs are averaged (`ensemble.py`; in ComfyUI: the node LoFA Average LoRAs); the goals are
     # judged on the average and one model's figures are reported beside it
     "stage2_members": 1,
     # the "w/o res." ablation: Stage-II alone for as many steps as both stages together (null: that sum)
@@ -276,17 +276,16 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
     _once(Path(s1.out), Path(s1.out) / STAGE1_EXPORT, stage1_key, lambda: run_stage1(s1, resume=True))
     # with the ablation in another process, the members take the remaining process slots
     at_once = max(1, pool.jobs - (1 if side_ablation else 0))
-    exports = pool.run_all([(f"Stage-II member {i + 1}" if i else "Stage-II", stage2_once,
-                             (cfg, {**stage1_key, "stage2": to_dict(cfg)})) for i, cfg in enumerate(members)],
-                           at_once=at_once)
+    member_keys = [{**stage1_key, "stage2": to_dict(cfg)} for cfg in members]
+    exports = pool.run_all([(f"Stage-II member {i + 1}" if i else "Stage-II", stage2_once, (cfg, key))
+                            for i, (cfg, key) in enumerate(zip(members, member_keys))], at_once=at_once)
     report = {"condition": condition, "family": family, "checkpoint": exports[0],
               "base_model": base_model,
               "data": {**data_report(build, dataclasses.replace(s2, dataset=str(train_set))),
                        "loras_per_task": loras_per_task},
               "stage1": last_eval(Path(s1.out)), "stage2": last_eval(Path(s2.out))}
     if len(exports) > 1:
-        report["ensemble"] = ensemble_scores(workdir / f"ensemble{suffix}.json", s2,
-                                             [{**stage1_key, "stage2": to_dict(cfg)} for cfg in members], exports)
+        report["ensemble"] = ensemble_scores(workdir / f"ensemble{suffix}.json", s2, member_keys, exports)
         report["ensemble"]["seeds"] = [cfg.seed for cfg in members]
     if condition == "text":
         fresh = synthetic.make_tasks(workdir / "tasks_fresh", family, seed=synthetic.FRESH_CLIPS_SEED,
