@@ -36,7 +36,9 @@ CI_SUITE = [f"tasks={json.dumps(SMALL_GRID)}",
             "single_stage.steps=20", "adaptation.eval_every=25", "loras_per_task=2",
             # a 200-step Stage-I at the text suite's 20 % gives Stage-II a trunk it barely leaves in 300 steps
             # (training reconstruction 0.96 of a zero LoRA's, 0.78 at 35 %); at full length 20 % starts it faster
-            "text.stage1.response_fraction=0.35"]
+            "text.stage1.response_fraction=0.35",
+            # the text suite averages three Stage-II models; two show the same (member seeds, configs, scoring)
+            "text.stage2_members=2"]
 CI_VARIANTS = [f"{v}.{stage}.steps={n}" for v in ("image", "pose", "image-mix")
                for stage, n in (("stage1", 60), ("stage2", 100))]
 
@@ -232,10 +234,10 @@ def test_evaluate_scores_a_checkpoint_as_its_run_did_and_averages_several(suite,
     assert again.returncode == 1 and "--overwrite" in again.stderr and out.read_text() == "mine"
 
 
-def test_the_text_suites_model_is_two_stage2_members_averaged(suite):
-    """The text suite trains a second Stage-II on the same Stage-I with the next seed (its config saved beside the
-    others), and judges the LoRA goals on the average of the two models' LoRAs: exactly what `python -m training
-    evaluate` gives for the two exported checkpoints."""
+def test_the_text_suites_model_is_its_stage2_members_averaged(suite):
+    """The text suite trains more Stage-II models on the same Stage-I with the next seeds (CI: one more; configs
+    saved beside the others), and judges the LoRA goals on the average of the models' LoRAs: exactly what
+    `python -m training evaluate` gives for the exported checkpoints."""
     from safetensors.torch import load_file
 
     from training.config import Stage2Config, load_config
