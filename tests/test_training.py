@@ -40,7 +40,8 @@ CI_SUITE = [f"tasks={json.dumps(SMALL_GRID)}",
             # the text suite averages three Stage-II models; two show the same (member seeds, configs, scoring)
             "text.stage2_members=2"]
 CI_VARIANTS = [f"{v}.{stage}.steps={n}" for v in ("image", "pose", "image-mix")
-               for stage, n in (("stage1", 60), ("stage2", 100))]
+               for stage, n in (("stage1", 60), ("stage2", 100))] + [
+    "pose.loras_per_task=2"]  # pose learns from averaged LoRAs (3 in the suite); CI trains 2 per task
 
 
 @pytest.fixture(scope="session")
