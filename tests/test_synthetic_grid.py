@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from lofa_core.families import sdxl, wan
@@ -34,3 +35,24 @@ def test_a_fourth_motion_adds_one_training_example_per_palette_pattern_pair(tmp_
 def test_an_impossible_motion_count_is_refused_with_the_range_to_use(tmp_path, family, motions):
     with pytest.raises(SystemExit, match=r"tasks\.motions is .*use 3 to"):
         synthetic.make_tasks(tmp_path, family, motions=motions)
+
+
+def test_sdxl_overlay_words_add_a_shape_instead_of_scaling_the_image(tmp_path):
+    """With tasks.image_third "overlay" changing the third word changes a clip by the same shape whatever its
+    palette and pattern (the words' effects add); with "intensity" it does not (they multiply)."""
+    tasks = read_tasks(synthetic.make_tasks(tmp_path, sdxl.NAME, image_third="overlay"))
+    assert {t["prompt"].rsplit(" ", 1)[1] for t in tasks} == set(synthetic.OVERLAYS)
+    assert not (tmp_path / "latents").exists() and (tmp_path / "latents_overlay").is_dir()
+
+    def change(palette: str, pattern: str, kind: str) -> torch.Tensor:  # framed minus shaded, same clip draws
+        clips = [synthetic.make_latents(sdxl.NAME, palette, pattern, third, 2, 0, kind) for third in (0, 1)]
+        return clips[0] - clips[1]
+
+    assert torch.allclose(change("pale", "stripes", "overlay"), change("vivid", "rings", "overlay"), atol=1e-5)
+    assert not torch.allclose(change("pale", "stripes", "intensity"), change("vivid", "rings", "intensity"),
+                              atol=0.1)
+
+
+def test_wan_refuses_the_image_overlay(tmp_path):
+    with pytest.raises(SystemExit, match="image_third .*SDXL only"):
+        synthetic.make_tasks(tmp_path, wan.NAME, image_third="overlay")

@@ -211,8 +211,9 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
         raise SystemExit("the SDXL suite needs --base-model (a tiny SDXL file) and --text-encoder (clip_l/clip_g)")
     else:
         raw_base = base_model
+    image_third = grid.get("image_third", "intensity")  # SDXL: what the third word does (synthetic.IMAGE_THIRDS)
     tasks = synthetic.make_tasks(workdir / "tasks", family, palettes=tuple(grid["palettes"]),
-                                 patterns=tuple(grid["patterns"]), motions=motions)
+                                 patterns=tuple(grid["patterns"]), motions=motions, image_third=image_third)
     base_key = {"source": Path(raw_base).name, **settings["base"]}
     if grid != SMALL_GRID:  # (the 45-task grid keeps the cache keys it always had)
         base_key["tasks"] = grid
@@ -294,7 +295,7 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
     if condition == "text":
         fresh = synthetic.make_tasks(workdir / "tasks_fresh", family, seed=synthetic.FRESH_CLIPS_SEED,
                                      palettes=tuple(grid["palettes"]), patterns=tuple(grid["patterns"]),
-                                     motions=motions)
+                                     motions=motions, image_third=image_third)
         report["ceiling"] = noise_ceiling(workdir, build, s2, fresh, base_key, Path(report["checkpoint"]))
         report["structure"] = lora_structure(workdir, dataclasses.replace(s2, dataset=str(train_set)))
     if ablation:
@@ -326,7 +327,8 @@ def replicate_builds(workdir: Path, build: BuildConfig, loras_per_task: int, bas
     for r in range(1, loras_per_task):
         fresh = synthetic.make_tasks(workdir / f"tasks_fresh{'' if r == 1 else r}", family,
                                      seed=synthetic.FRESH_CLIPS_SEED * r, palettes=tuple(grid["palettes"]),
-                                     patterns=tuple(grid["patterns"]), motions=motions)
+                                     patterns=tuple(grid["patterns"]), motions=motions,
+                                     image_third=grid.get("image_third", "intensity"))
         cfg = replicate_build(build, select_tasks(fresh, fresh.parent / "train.jsonl", held_out=False),
                               replicate_folder(workdir, r), r)
         sets.append((f"LoRAs, set {r + 1}", cfg, {"base": base_key, **to_dict(cfg)}))

@@ -36,7 +36,12 @@ MOTIONS = ("still", "drifting", "flickering")  # WAN (video latents have a time 
 # a fourth motion (suite setting tasks.motions = 4, WAN only): one more training example of every palette-pattern
 # pair; the held-out tasks stay the same
 EXTRA_MOTIONS = ("fading",)
-INTENSITIES = ("faint", "bold", "inverted")  # SDXL (images)
+INTENSITIES = ("faint", "bold", "inverted")  # SDXL (images): the whole image scaled by 0.5, 1.5 or -1
+# SDXL's other choice of third word (suite setting tasks.image_third = "overlay"): a shape added to every channel,
+# whatever the palette and pattern, so that the third word's effect on a clip adds to the other two words' instead
+# of multiplying it (with "intensity" the image is palette x pattern x intensity, a three-way product)
+OVERLAYS = ("framed", "shaded", "centred")
+IMAGE_THIRDS = ("intensity", "overlay")
 # whole tasks held out, each palette twice and each motion/intensity twice per split
 VAL = {("pale", "columns", 0), ("vivid", "diagonals", 1), ("warm", "rings", 0), ("pale", "checks", 1),
        ("vivid", "checks", 2), ("warm", "diagonals", 2)}
@@ -81,7 +86,20 @@ def channel_weights(palette: str, channels: int) -> torch.Tensor:
     return carries.float() * AMPLITUDE[palette]
 
 
-def make_latents(family: str, palette: str, pattern: str, third: int, count: int, seed: int) -> torch.Tensor:
+def _overlay(third: int, size: int) -> torch.Tensor:
+    """[size, size]: a frame of the border pixels, a left-to-right ramp, or a blob in the centre."""
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                          indexing="ij")
+    if third == 0:
+        return ((y == 0) | (x == 0) | (y == size - 1) | (x == size - 1)).float()
+    if third == 1:
+        return 2 * x / (size - 1) - 1
+    c = (size - 1) / 2
+    return torch.exp(-((y - c) ** 2 + (x - c) ** 2) / (size / 4) ** 2)
+
+
+def make_latents(family: str, palette: str, pattern: str, third: int, count: int, seed: int,
+                 image_third: str = "intensity") -> torch.Tensor:
     """[count, C, T, H, W] (WAN) or [count, C, H, W] (SDXL) latents of one task group."""
     gen = torch.Generator().manual_seed(seed)
     weights = channel_weights(palette, 16 if family == wan.NAME else 4)
@@ -94,6 +112,8 @@ def make_latents(family: str, palette: str, pattern: str, third: int, count: int
             second = {0: base, 1: _pattern(pattern, 8, phase + math.pi / 2), 2: -base, 3: 0.25 * base}[third]
             frames = torch.stack([base, second])  # [T=2, H, W]
             latent = amp * weights.view(-1, 1, 1, 1) * frames.unsqueeze(0)
+        elif image_third == "overlay":
+            latent = amp * (weights.view(-1, 1, 1) * base.unsqueeze(0) + _overlay(third, 8).unsqueeze(0))
         else:
             latent = amp * {0: 0.5, 1: 1.5, 2: -1.0}[third] * weights.view(-1, 1, 1) * base.unsqueeze(0)
         out.append(latent + 0.1 * torch.randn(latent.shape, generator=gen))
@@ -105,10 +125,10 @@ def split_of(palette: str, pattern: str, third: int) -> str:
     return "val" if combo in VAL else "test" if combo in TEST else "train"
 
 
-def prompt_of(family: str, palette: str, pattern: str, third: int) -> str:
+def prompt_of(family: str, palette: str, pattern: str, third: int, image_third: str = "intensity") -> str:
     if family == wan.NAME:
         return f"a {palette} {pattern} pattern that is {(MOTIONS + EXTRA_MOTIONS)[third]}"
-    return f"a {palette} {pattern} pattern , {INTENSITIES[third]}"
+    return f"a {palette} {pattern} pattern , {(OVERLAYS if image_third == 'overlay' else INTENSITIES)[third]}"
 
 
 def _group_seeds(palettes: tuple[str, ...], patterns: tuple[str, ...],
@@ -122,9 +142,10 @@ def _group_seeds(palettes: tuple[str, ...], patterns: tuple[str, ...],
 
 
 def make_tasks(folder: Path, family: str, seed: int = 0, palettes: tuple[str, ...] = PALETTES,
-               patterns: tuple[str, ...] = PATTERNS, motions: int = 3) -> Path:
+               patterns: tuple[str, ...] = PATTERNS, motions: int = 3, image_third: str = "intensity") -> Path:
     """Latents ("latents": training clips, "heldout": clips for evaluation) and tasks.jsonl for every
-    (palette, pattern, motion/intensity) group, with the first `motions` motions; returns tasks.jsonl."""
+    (palette, pattern, motion/intensity) group, with the first `motions` motions; returns tasks.jsonl.
+    `image_third` (SDXL): what the third word does, "intensity" or "overlay" (its latents in their own folder)."""
     unknown = sorted(set(palettes) - set(PALETTES + EXTRA_PALETTES)) + sorted(
         set(patterns) - set(PATTERNS + EXTRA_PATTERNS))
     missing = sorted({w for combo in VAL | TEST for w in combo[:2]} - set(palettes) - set(patterns))
@@ -134,20 +155,24 @@ def make_tasks(folder: Path, family: str, seed: int = 0, palettes: tuple[str, ..
     if not 3 <= motions <= most:
         raise SystemExit(f"task grid: tasks.motions is {motions}; use 3 to {most} for {family} "
                          "(the held-out tasks need the first three)")
+    if image_third not in IMAGE_THIRDS or (image_third != "intensity" and family == wan.NAME):
+        raise SystemExit(f"task grid: tasks.image_third is {image_third!r}; use one of {IMAGE_THIRDS} "
+                         "(SDXL only; WAN's third word is a motion)")
+    latent_dir = "latents" if image_third == "intensity" else f"latents_{image_third}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "latents").mkdir(exist_ok=True)
+    (folder / latent_dir).mkdir(exist_ok=True)
     lines = []
     seeds = _group_seeds(tuple(palettes), tuple(patterns), motions)
     for palette, pattern, third in itertools.product(palettes, patterns, range(motions)):
         group = f"{palette}_{pattern}_{third}"
-        path = folder / "latents" / f"{group}.safetensors"
+        path = folder / latent_dir / f"{group}.safetensors"
         if not path.exists():
             clips = make_latents(family, palette, pattern, third, TRAIN_CLIPS + HELD_OUT_CLIPS,
-                                 seed + seeds[(palette, pattern, third)])
+                                 seed + seeds[(palette, pattern, third)], image_third)
             save_safetensors({"latents": clips[:TRAIN_CLIPS].contiguous(),
                               "heldout": clips[TRAIN_CLIPS:].contiguous()}, path)
-        lines.append({"group": group, "prompt": prompt_of(family, palette, pattern, third),
-                      "latents": f"latents/{group}.safetensors", "split": split_of(palette, pattern, third)})
+        lines.append({"group": group, "prompt": prompt_of(family, palette, pattern, third, image_third),
+                      "latents": f"{latent_dir}/{group}.safetensors", "split": split_of(palette, pattern, third)})
     tasks = folder / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t) + "\n" for t in lines))
     return tasks
