@@ -211,7 +211,7 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
         raise SystemExit("the SDXL suite needs --base-model (a tiny SDXL file) and --text-encoder (clip_l/clip_g)")
     else:
         raw_base = base_model
-    image_third = grid.get("image_third", "intensity")  # SDXL: what the third word does (synthetic.IMAGE_THIRDS)
+    image_third = _image_third(grid)
     tasks = synthetic.make_tasks(workdir / "tasks", family, palettes=tuple(grid["palettes"]),
                                  patterns=tuple(grid["patterns"]), motions=motions, image_third=image_third)
     base_key = {"source": Path(raw_base).name, **settings["base"]}
@@ -312,6 +312,11 @@ def _run_suite(workdir: Path, family: str, base_model: str | None, text_encoder:
     return report
 
 
+def _image_third(grid: dict) -> str:
+    """SDXL: what the grid's third word does (`synthetic.IMAGE_THIRDS`; "intensity" unless set)."""
+    return grid.get("image_third", "intensity")
+
+
 def replicate_folder(workdir: Path, r: int) -> Path:
     """Where the `r`-th extra LoRA of every training task is trained (r >= 1)."""
     return workdir / f"dataset_train_replicate{r}"
@@ -328,7 +333,7 @@ def replicate_builds(workdir: Path, build: BuildConfig, loras_per_task: int, bas
         fresh = synthetic.make_tasks(workdir / f"tasks_fresh{'' if r == 1 else r}", family,
                                      seed=synthetic.FRESH_CLIPS_SEED * r, palettes=tuple(grid["palettes"]),
                                      patterns=tuple(grid["patterns"]), motions=motions,
-                                     image_third=grid.get("image_third", "intensity"))
+                                     image_third=_image_third(grid))
         cfg = replicate_build(build, select_tasks(fresh, fresh.parent / "train.jsonl", held_out=False),
                               replicate_folder(workdir, r), r)
         sets.append((f"LoRAs, set {r + 1}", cfg, {"base": base_key, **to_dict(cfg)}))
